@@ -1,0 +1,45 @@
+"""Shared fixtures: small real photo folders and manifests written the way users write them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four real photographs from scikit-image (colour, grey, small, JPEG)."""
+    import skimage
+
+    src = Path(skimage.__file__).parent / "data"
+    d = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut.png", "chelsea.png", "camera.png", "rocket.jpg"):
+        shutil.copyfile(src / name, d / name)
+    return d
+
+
+def write_manifest(path: Path, sources: list[dict[str, Any]], output: Path, **degrade: Any) -> Path:
+    body = {
+        "name": "test",
+        "seed": 7,
+        "output": str(output),
+        "sources": sources,
+        "degrade": {"gt_size": 128, "scale": 4, "crops_per_image": 2, "rows_per_shard": 3,
+                    "max_failed_fraction": 0.0, **degrade},
+    }
+    path.write_text(json.dumps(body, indent=1))
+    return path
+
+
+@pytest.fixture()
+def small_manifest(tmp_path: Path, photo_dir: Path) -> Path:
+    """8 pairs at 128² in 3 shards (3, 3, 2 rows)."""
+    return write_manifest(tmp_path / "m.json", [{"name": "sk", "root": str(photo_dir)}], tmp_path / "out")
