@@ -108,7 +108,7 @@ def build_pairs_shard(
                     continue
                 writer.add({
                     "key": r.key, "source": r.source, "path": r.path,
-                    "crop_box": list(recipe["crop_box"]), "hq_png": hq_png, "lq_png": lq_png,
+                    "crop_box": list(recipe["crop"]), "hq_png": hq_png, "lq_png": lq_png,
                     "recipe": recipe_to_json(recipe), "seed": seed,
                 })
                 pending += 1

@@ -112,7 +112,7 @@ def test_read_back_with_datasets_and_regenerate_from_recipe(tmp_path: Path, phot
         assert hq.shape == (512, 512, 3) and lq.shape == (128, 128, 3)
         assert hq.dtype == np.uint8 and lq.dtype == np.uint8
         recipe = recipe_from_json(row["recipe"])
-        assert list(row["crop_box"]) == list(recipe["crop_box"])
+        assert list(row["crop_box"]) == list(recipe["crop"])
         source, _ = load_source(photo_dir / row["path"], manifest.degrade.max_pixels, manifest.degrade.min_side)
         gt = prepare_gt(source, recipe, manifest.degrade)
         np.testing.assert_array_equal(gt, hq)

@@ -150,7 +150,8 @@ def test_la_composited_over_white(zoo: tuple[Path, dict[str, str]]) -> None:
     rgb, info = load(folder / "la.png")
     block = badfiles.TRANSPARENT_BLOCK
     assert (rgb[:block, :block] == 255).all()
-    grey = np.asarray(Image.open(folder / "la.png").getchannel("L"))
+    with Image.open(folder / "la.png") as im:
+        grey = np.asarray(im.getchannel("L"))
     np.testing.assert_array_equal(rgb[:, 64:, 1], grey[:, 64:])
     assert info["mode"] == "LA" and "white" in info["converted"]
 
@@ -168,7 +169,8 @@ def test_palette_transparency_becomes_white(zoo: tuple[Path, dict[str, str]]) ->
 def test_exif_orientation_6_rotates_clockwise(zoo: tuple[Path, dict[str, str]]) -> None:
     folder, _ = zoo
     rgb, info = load(folder / "exif_rot6.jpg")
-    stored = np.asarray(Image.open(folder / "exif_rot6.jpg").convert("RGB"))  # EXIF ignored
+    with Image.open(folder / "exif_rot6.jpg") as im:
+        stored = np.asarray(im.convert("RGB"))  # as stored, EXIF ignored
     assert stored.shape == (96, 128, 3) and rgb.shape == (128, 96, 3)
     np.testing.assert_array_equal(rgb, np.rot90(stored, k=-1))  # k=-1: clockwise
     assert info["exif_orientation"] == 6 and info["size"] == [128, 96]
@@ -238,7 +240,8 @@ def test_mode_i_uses_16_bit_range_unless_values_fit_8_bits(tmp_path: Path) -> No
     big = np.array([[0, 1000, 65535, 70000, -5]] * 64, dtype=np.int32).repeat(13, axis=1)
     for name, values in (("small.tif", small), ("big.tif", big)):
         Image.fromarray(values).save(tmp_path / name)
-        assert Image.open(tmp_path / name).mode == "I"
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == "I"
     rgb, _ = load(tmp_path / "small.tif")
     np.testing.assert_array_equal(rgb[..., 0], small.astype(np.uint8))
     rgb, _ = load(tmp_path / "big.tif")
