@@ -74,6 +74,9 @@ class DegradeConfig:
     final_sinc_prob: float = 0.8
     resize_modes: tuple[str, ...] = RESIZE_MODES
 
+    # Lists whose length the manifest may choose (the others have a fixed arity).
+    VARIABLE_LENGTH = frozenset({"kernel_list", "kernel_list2", "kernel_prob", "kernel_prob2", "resize_modes"})
+
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
@@ -142,7 +145,7 @@ class DegradeConfig:
     def from_dict(cls, d: dict[str, Any]) -> "DegradeConfig":
         """Build from a JSON mapping; lists become tuples (the dataclass is hashable)."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
+        unknown = sorted(set(d) - fields)  # the manifest loader names them first; this guards direct use
         if unknown:
             raise KeyError(f"unknown degrade keys {unknown}")
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})

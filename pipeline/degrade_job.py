@@ -92,7 +92,7 @@ def run_degrade(manifest: Manifest, distributor: str = "ray", workers: int | Non
                 show_progress: bool = True, log: Any = sys.stderr) -> JobResult:
     out = manifest.output
     with build_lock(out, STAGE):
-        clean_tmp(out)
+        clean_tmp(out, STAGE)
         plans = plan_shards(manifest)
         for p in remove_orphans(out, len(plans)):
             print(f"removed {p.name}: beyond this plan's {len(plans)} shards", file=log)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -65,17 +64,9 @@ def init_ray(workers: int | None) -> None:
              object_store_memory=80 * 1024 * 1024, logging_level="WARNING", log_to_driver=True)
 
 
-def run_ray(items: Sequence[Any], work: WorkFn, rows_of: Callable[[Any], int], desc: str,
-            workers: int | None = None, show_progress: bool = True, max_retries: int = 3,
-            **kwargs: Any) -> Iterable[dict[str, Any]]:
-    """One Ray task per shard, each returning only a small summary.
-
-    `max_retries` re-runs a task whose worker process or node died; an exception raised
-    by the work itself is not retried (it would fail the same way) and is reported.
-    """
+def _counter() -> Any:
+    """A tiny actor the tasks add finished rows to, so the bar moves inside a shard."""
     import ray
-
-    init_ray(workers)
 
     @ray.remote(num_cpus=0)
     class Counter:
@@ -88,14 +79,30 @@ def run_ray(items: Sequence[Any], work: WorkFn, rows_of: Callable[[Any], int], d
         def get(self) -> int:
             return self.n
 
-    counter = Counter.remote()
+    return Counter.remote()
 
-    def task(item: Any, counter: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return work(item, progress=lambda k: counter.add.remote(k), **kwargs)
 
-    remote = ray.remote(num_cpus=1, max_retries=max_retries)(task)
-    pending = {remote.remote(item, counter, kwargs): item for item in items}
-    bar = _bar(sum(rows_of(i) for i in items), len(items), desc) if show_progress else None
+def _error(item: Any, e: BaseException) -> dict[str, Any]:
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    return {"error": ShardTaskError(_shard_id(item), f"{type(cause).__name__}: {text[-1] if text else ''}")}
+
+
+def _shard_id(item: Any) -> int:
+    return item if isinstance(item, int) else getattr(item, "shard", -1)
+
+
+def _drain(pending: dict[Any, Any], counter: Any, total_rows: int | None, n_items: int, desc: str,
+           show_progress: bool, unit: str, resubmit: Callable[[Any], tuple[Any, Any] | None] | None = None,
+           ) -> Iterable[dict[str, Any]]:
+    """Yield results as they finish, keeping the progress bar fed from `counter`.
+
+    `resubmit(ref)` may hand the finished slot new work (an actor taking the next shard).
+    """
+    import ray
+
+    bar = tqdm(total=total_rows, unit=unit, desc=desc, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 5.0, smoothing=0.1) if show_progress else None
     done = 0
     try:
         while pending:
@@ -107,16 +114,87 @@ def run_ray(items: Sequence[Any], work: WorkFn, rows_of: Callable[[Any], int], d
                 item = pending.pop(ref)
                 done += 1
                 if bar:
-                    bar.set_postfix_str(f"shards {done}/{len(items)}")
+                    bar.set_postfix_str(f"shards {done}/{n_items}")
+                if resubmit is not None:
+                    nxt = resubmit(ref)
+                    if nxt is not None:
+                        pending[nxt[0]] = nxt[1]
                 try:
                     yield ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    cause = getattr(e, "cause", None) or e
-                    yield {"error": ShardTaskError(getattr(item, "shard", -1), str(cause).strip().splitlines()[-1])}
+                    yield _error(item, e)
     finally:
         if bar:
             bar.n = ray.get(counter.get.remote())
             bar.close()
         for ref in pending:
             ray.cancel(ref, force=True)
-        time.sleep(0)
+
+
+def run_ray(items: Sequence[Any], work: WorkFn, rows_of: Callable[[Any], int], desc: str,
+            workers: int | None = None, show_progress: bool = True, max_retries: int = 3,
+            **kwargs: Any) -> Iterable[dict[str, Any]]:
+    """One Ray task per shard, each returning only a small summary.
+
+    `max_retries` re-runs a task whose worker process or node died; an exception raised
+    by the work itself is not retried (it would fail the same way) and is reported.
+    """
+    import ray
+
+    init_ray(workers)
+    counter = _counter()
+
+    def task(item: Any, counter: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return work(item, progress=lambda k: counter.add.remote(k), **kwargs)
+
+    remote = ray.remote(num_cpus=1, max_retries=max_retries)(task)
+    pending = {remote.remote(item, counter, kwargs): item for item in items}
+    yield from _drain(pending, counter, sum(rows_of(i) for i in items), len(items), desc, show_progress, "pair")
+
+
+def run_actor_pool(items: Sequence[Any], runner_cls: type, runner_kwargs: dict[str, Any], actors: int,
+                   resources: dict[str, float], desc: str, unit: str, total_rows: int | None = None,
+                   workers: int | None = None, show_progress: bool = True) -> Iterable[dict[str, Any]]:
+    """`actors` long-lived actors, each holding one `runner_cls(**runner_kwargs)` (e.g. a
+    caption engine on one GPU), take shards from a queue until none are left.
+
+    Loading a 7B model per shard would cost more than captioning it, hence actors rather
+    than tasks. `runner.run(item, progress=...)` returns the shard's small summary.
+    """
+    import ray
+
+    init_ray(workers)
+    counter = _counter()
+
+    class Holder:
+        def __init__(self, cls: type, kwargs: dict[str, Any]) -> None:
+            self.runner = cls(**kwargs)
+
+        def run(self, item: Any, counter: Any) -> dict[str, Any]:
+            return self.runner.run(item, progress=lambda k: counter.add.remote(k))
+
+    remote_cls = ray.remote(max_restarts=1, max_task_retries=1, **resources)(Holder)
+    pool = [remote_cls.remote(runner_cls, runner_kwargs) for _ in range(max(1, min(actors, len(items))))]
+    queue = list(items)
+    owner: dict[Any, Any] = {}
+    pending: dict[Any, Any] = {}
+    for actor in pool:
+        if queue:
+            item = queue.pop(0)
+            ref = actor.run.remote(item, counter)
+            owner[ref], pending[ref] = actor, item
+
+    def resubmit(ref: Any) -> tuple[Any, Any] | None:
+        actor = owner.pop(ref)
+        if not queue:
+            return None
+        item = queue.pop(0)
+        nxt = actor.run.remote(item, counter)
+        owner[nxt] = actor
+        return nxt, item
+
+    try:
+        yield from _drain(pending, counter, total_rows, len(items), desc, show_progress, unit, resubmit)
+    finally:
+        for actor in pool:
+            ray.kill(actor)

@@ -15,7 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pipeline.caption_config import CaptionConfig
 from pipeline.degrade_config import DegradeConfig
+from pipeline.embed_config import EmbedConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 TOP_LEVEL_KEYS = {
@@ -55,6 +57,8 @@ class Manifest:
     output: Path
     sources: tuple[Source, ...]
     degrade: DegradeConfig
+    caption: CaptionConfig
+    text_embed: EmbedConfig
     raw: dict[str, Any]
 
     def section(self, key: str) -> dict[str, Any]:
@@ -99,30 +103,30 @@ def _check_type(value: Any, expected: type | tuple[type, ...], where: str, file:
         )
 
 
-def _degrade_config(section: dict[str, Any], file: Path) -> DegradeConfig:
-    fields = {f.name: f for f in dataclasses.fields(DegradeConfig)}
-    defaults = DegradeConfig()
+def _section(cls: type, name: str, section: dict[str, Any], file: Path) -> Any:
+    """Type-check a settings section against a frozen dataclass's fields and defaults."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    defaults = cls()
+    variable = getattr(cls, "VARIABLE_LENGTH", frozenset())
     for key, value in section.items():
         if key not in fields:
-            close = [k for k in fields if k.split("_")[0] == key.split("_")[0]]
+            close = [k for k in sorted(fields) if k.split("_")[0] == key.split("_")[0]]
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ManifestError(f"{file}: unknown key degrade.{key}{hint}")
+            raise ManifestError(f"{file}: unknown key {name}.{key}{hint}")
         default = getattr(defaults, key)
         if isinstance(default, tuple):
-            _check_type(value, list, f"degrade.{key}", file)
-            if default and len(value) != len(default) and key not in {
-                "kernel_list", "kernel_list2", "kernel_prob", "kernel_prob2", "resize_modes",
-            }:
-                raise ManifestError(f"{file}: degrade.{key} should have {len(default)} entries, got {len(value)}")
+            _check_type(value, list, f"{name}.{key}", file)
+            if default and len(value) != len(default) and key not in variable:
+                raise ManifestError(f"{file}: {name}.{key} should have {len(default)} entries, got {len(value)}")
             elem = type(default[0]) if default else object
             for i, v in enumerate(value):
-                _check_type(v, float if elem is float else elem, f"degrade.{key}[{i}]", file)
+                _check_type(v, float if elem is float else elem, f"{name}.{key}[{i}]", file)
         else:
-            _check_type(value, float if isinstance(default, float) else type(default), f"degrade.{key}", file)
+            _check_type(value, float if isinstance(default, float) else type(default), f"{name}.{key}", file)
     try:
-        return DegradeConfig.from_dict(section)
-    except (ValueError, KeyError) as e:
-        raise ManifestError(f"{file}: degrade: {e}") from None
+        return cls.from_dict({k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items()})
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(f"{file}: {name}: {e}") from None
 
 
 def _sources(items: list[Any], file: Path, base: Path) -> tuple[Source, ...]:
@@ -195,6 +199,8 @@ def load_manifest(path: str | os.PathLike[str], out: str | os.PathLike[str] | No
         seed=raw["seed"],
         output=output,
         sources=sources,
-        degrade=_degrade_config(raw.get("degrade", {}), file),
+        degrade=_section(DegradeConfig, "degrade", raw.get("degrade", {}), file),
+        caption=_section(CaptionConfig, "caption", raw.get("caption", {}), file),
+        text_embed=_section(EmbedConfig, "text_embed", raw.get("text_embed", {}), file),
         raw=raw,
     )

@@ -120,6 +120,22 @@ class ShardWriter:
         self.rows_written += len(self._rows)
         self._rows = []
 
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        """Write a whole record batch (built column-wise, e.g. from numpy) as is.
+
+        Stages whose columns are large numeric arrays build them without Python lists;
+        rows queued with `add` are flushed first so the file keeps the caller's order.
+        """
+        if not batch.schema.equals(self.schema):
+            raise ValueError(f"record batch schema differs from the shard's:\n{batch.schema}\nvs\n{self.schema}")
+        self._flush()
+        try:
+            self._writer.write_batch(batch)
+        except OSError as e:
+            self.abort()
+            _reraise_disk_full(e, self.path)
+        self.rows_written += batch.num_rows
+
     def commit(self) -> tuple[int, str]:
         """Finish the stream and publish it; returns (bytes, sha256)."""
         self._flush()
@@ -208,32 +224,47 @@ def read_table(arrow: Path) -> pa.Table:
         return pa.ipc.open_stream(source).read_all()
 
 
-def clean_tmp(out: Path) -> list[Path]:
-    """Remove temporary files of killed runs (call only while holding the build lock)."""
+def clean_tmp(out: Path, stage: str, shard: int | None = None) -> list[Path]:
+    """Remove temporary files of killed runs of one stage (or one shard of it).
+
+    Call only while holding the matching lock: a live writer's temporary file looks
+    exactly like a dead one's.
+    """
+    folder = Path(out) / stage
+    pattern = "*.tmp" if shard is None else f"shard-{shard:05d}.arrow*.tmp"
     removed = []
-    for stage in STAGES:
-        for p in (Path(out) / stage).glob("*.tmp"):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    for p in Path(out).glob("*.tmp"):
+    for p in folder.glob(pattern):
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed
 
 
 @contextlib.contextmanager
-def build_lock(out: Path, stage: str) -> Iterator[None]:
-    """One job per output root and stage at a time; a second one fails fast."""
+def build_lock(out: Path, stage: str, shard: int | None = None) -> Iterator[None]:
+    """One writer per stage (or per shard of a stage) and output root; a second fails fast.
+
+    Per-shard locks let many `--shard N` jobs of one stage run side by side (one per
+    GPU), while a whole-stage job excludes them all.
+    """
     import fcntl
 
     Path(out).mkdir(parents=True, exist_ok=True)
-    lock = Path(out) / f".{stage}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    names = [f".{stage}.lock"] if shard is None else [f".{stage}.lock", f".{stage}-{shard:05d}.lock"]
+    fds = []
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another {stage} job is writing to {out} (lock {lock}); wait for it or use another --out")
+        for i, name in enumerate(names):
+            fd = os.open(Path(out) / name, os.O_RDWR | os.O_CREAT, 0o644)
+            fds.append(fd)
+            # A shard job shares the stage lock with other shard jobs and excludes a
+            # whole-stage job; the shard lock is exclusive.
+            mode = fcntl.LOCK_SH if (shard is not None and i == 0) else fcntl.LOCK_EX
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                what = f"shard {shard} of {stage}" if shard is not None else stage
+                raise RuntimeError(f"another job is writing {what} in {out} (lock {Path(out) / name}); "
+                                   "wait for it or use another --out") from None
         yield
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)

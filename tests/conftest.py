@@ -26,7 +26,8 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def write_manifest(path: Path, sources: list[dict[str, Any]], output: Path, **degrade: Any) -> Path:
+def write_manifest(path: Path, sources: list[dict[str, Any]], output: Path,
+                   sections: dict[str, Any] | None = None, **degrade: Any) -> Path:
     body = {
         "name": "test",
         "seed": 7,
@@ -34,6 +35,7 @@ def write_manifest(path: Path, sources: list[dict[str, Any]], output: Path, **de
         "sources": sources,
         "degrade": {"gt_size": 128, "scale": 4, "crops_per_image": 2, "rows_per_shard": 3,
                     "max_failed_fraction": 0.0, **degrade},
+        **(sections or {}),
     }
     path.write_text(json.dumps(body, indent=1))
     return path
@@ -43,3 +45,13 @@ def write_manifest(path: Path, sources: list[dict[str, Any]], output: Path, **de
 def small_manifest(tmp_path: Path, photo_dir: Path) -> Path:
     """8 pairs at 128² in 3 shards (3, 3, 2 rows)."""
     return write_manifest(tmp_path / "m.json", [{"name": "sk", "root": str(photo_dir)}], tmp_path / "out")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny LLaVA and SD1.5-shaped models, built once per session like `make demo` does."""
+    from pipeline.tiny_llava import build_tiny_llava
+    from pipeline.tiny_sd import build_tiny_sd
+
+    d = tmp_path_factory.mktemp("tiny")
+    return {"llava": build_tiny_llava(d / "llava"), "sd15": build_tiny_sd(d / "sd15")}

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Build the tiny random models the demo and the tests use, into .cache/tiny/.
+
+They are real transformers/diffusers classes at toy sizes, saved with save_pretrained
+and loaded through from_pretrained exactly as the full-size weights are, so every stage
+runs its real code path on a CPU without downloading anything. They restore nothing
+useful: random weights caption and encode noise.
+
+  .cache/tiny/llava/   LlavaForConditionalGeneration + processor (tokenizer trained here)
+  .cache/tiny/sd15/    SD1.5-shaped folder: tokenizer/ (the real CLIP BPE) and text_encoder/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.tiny_llava import build_tiny_llava  # noqa: E402
+from pipeline.tiny_sd import build_tiny_sd  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".cache/tiny", help="folder to build into")
+    ap.add_argument("--force", action="store_true", help="rebuild even if present")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    for name, build in (("llava", build_tiny_llava), ("sd15", build_tiny_sd)):
+        target = out / name
+        if target.is_dir() and any(target.iterdir()) and not args.force:
+            print(f"{target} exists (use --force to rebuild)")
+            continue
+        build(target)
+        print(f"built {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
