@@ -19,13 +19,18 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) jobs/prepare_demo.py
+	$(PY) jobs/build_tiny_models.py
 	$(PY) jobs/degrade.py --manifest manifests/demo.json
+	$(PY) jobs/caption.py --manifest manifests/demo.json --all --actors 2
+	$(PY) jobs/embed.py --manifest manifests/demo.json --all
 
 # Benchmarks compare against BasicSR's own functions; it is installed without its
 # declared dependencies (they pull a second OpenCV build), see docs/benchmarks.md.
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps basicsr==1.4.2
 	$(PY) benchmarks/degrade.py
+	$(PY) benchmarks/caption.py
+	$(PY) benchmarks/embed.py
 
 clean-demo:
 	rm -rf out/demo

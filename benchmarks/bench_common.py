@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -181,6 +182,79 @@ def wait_until_quiet(threshold_cores: float = 0.25, timeout_s: float = 10.0) -> 
     while time.perf_counter() - t0 < timeout_s and busy_cores(0.5) > threshold_cores:
         pass
     return time.perf_counter() - t0
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+class ForeignCpuMonitor:
+    """CPU seconds used by processes outside this benchmark's process tree.
+
+    Timings on a shared 2-core machine are only as good as the machine was quiet; this
+    records, per section, how much CPU other processes (a test run, another job) took and
+    which commands took it, so a contaminated result can be recognised instead of trusted.
+    It samples /proc every ``interval_s``; CPU of processes that start and die between two
+    samples is missed. Every process is tracked, ours included, so one that leaves our
+    tree (a Ray worker re-parented while Ray shuts down) is charged only from then on.
+    """
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.by_command: dict[str, float] = defaultdict(float)
+        self._last: dict[int, int] = {}
+        self._marks: dict[str, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        with self._lock:
+            ours = {os.getpid(), *descendants(os.getpid())}
+            now: dict[int, int] = {}
+            for entry in os.listdir("/proc"):
+                pid = int(entry) if entry.isdigit() else None
+                ticks = _cpu_ticks(pid) if pid is not None else None
+                if ticks is None:
+                    continue
+                now[pid] = ticks
+                if self._last and pid not in ours:  # a process new since the last sample counts from 0
+                    used = (ticks - self._last.get(pid, 0)) / self.tick
+                    if used > 0:
+                        self.by_command[cmdline(pid)[:80] or f"pid {pid}"] += used
+            self._last = now
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def start(self) -> "ForeignCpuMonitor":
+        self._sample()
+        self._thread.start()
+        return self
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        self._sample()
+        before = dict(self.by_command)
+        try:
+            yield
+        finally:
+            self._sample()
+            used = {k: v - before.get(k, 0.0) for k, v in self.by_command.items()}
+            used = {k: v for k, v in used.items() if v > 0.05}
+            top = sorted(used.items(), key=lambda kv: -kv[1])[:5]
+            self._marks[name] = {"cpu_s": sum(used.values()), "top": [[k, round(v, 2)] for k, v in top]}
+
+    def stop(self) -> dict[str, dict[str, Any]]:
+        self._stop.set()
+        self._thread.join()
+        return dict(self._marks)
 
 
 def cmdline(pid: int) -> str:

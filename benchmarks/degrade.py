@@ -46,8 +46,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_common import (  # noqa: E402
-    STAGES, StageTimer, bicubic_roundtrip, busy_cores, cmdline, descendants, fmt_num, lq_psnr,
-    mean_difference, proc_status_kb, psnr, render_table, summarize, wait_until_quiet,
+    STAGES, ForeignCpuMonitor, StageTimer, bicubic_roundtrip, busy_cores, cmdline, descendants, fmt_num,
+    lq_psnr, mean_difference, proc_status_kb, psnr, render_table, summarize, wait_until_quiet,
 )
 
 PHOTOS = ROOT / ".cache" / "demo" / "photos"
@@ -127,15 +127,11 @@ def bench_ours(rows: list[Any], decode_repeats: int = 3) -> OursResult:
     decode_per_source_ms = decode.ms_per(len(files) * decode_repeats)["decode"]
 
     make_pair(sources[files[0]], "warm-up", DEMO_SEED, cfg)  # lazy imports, Poisson tables
-    api, pairs = StageTimer(), {}
-    t0 = time.perf_counter()
+    # The breakdown replays each pair right after its API call, so both passes see the
+    # same machine state and their figures can be read against each other.
+    api, stages, pairs, mismatched = StageTimer(), StageTimer(), {}, []
     for r in rows:
-        pairs[r.key] = run_api_pair(sources[r.file], r.key, DEMO_SEED, cfg, api)
-    api_wall = time.perf_counter() - t0
-
-    stages, mismatched = StageTimer(), []
-    for r in rows:
-        p = pairs[r.key]
+        p = pairs[r.key] = run_api_pair(sources[r.file], r.key, DEMO_SEED, cfg, api)
         hq, lq = run_breakdown_pair(sources[r.file], p.recipe, cfg, stages)
         if not (np.array_equal(hq, p.hq) and np.array_equal(lq, p.lq)):
             mismatched.append(r.key)
@@ -162,7 +158,6 @@ def bench_ours(rows: list[Any], decode_repeats: int = 3) -> OursResult:
         "total_ms_one_decode_per_pair": decode_per_source_ms + work,
         "pairs_per_s_amortised": 1000.0 / (decode_amortised + work),
         "pairs_per_s_one_decode_per_pair": 1000.0 / (decode_per_source_ms + work),
-        "api_loop_wall_s": api_wall,
         "breakdown_ms_per_pair": {"decode": decode_per_source_ms, **breakdown},
         "breakdown_matches_api": not mismatched,
         "breakdown_mismatched_keys": mismatched[:10],
@@ -453,6 +448,8 @@ def headlines(res: dict[str, Any]) -> dict[str, Any]:
                                if bsr.get("available") else None),
         "speedup_vs_basicsr_amortised": (ours["pairs_per_s_amortised"] / bsr["pairs_per_s"]
                                          if bsr.get("available") else None),
+        "speedup_vs_basicsr_job_1w": (by[("ray", 1)]["pairs_per_s"] / bsr["pairs_per_s"]
+                                      if bsr.get("available") else None),
         "scaling_2w_over_1w": by[("ray", 2)]["pairs_per_s"] / by[("ray", 1)]["pairs_per_s"],
         "worker_peak_rss_mb": peak,
         "serial_peak_rss_growth_mb": rss[-1]["peak_rss_mb"] - rss[0]["peak_rss_mb"],
@@ -465,86 +462,97 @@ def headlines(res: dict[str, Any]) -> dict[str, Any]:
     return h
 
 
-def tables(res: dict[str, Any], md: bool) -> str:
-    """Every table of the report, as plain text or Markdown."""
-    ours, bsr, jobs, st, h = (res["ours_one_core"], res["basicsr_one_core"], res["job"], res["statistics"],
-                              res["headlines"])
-    parts = []
-    m = ours["ms_per_pair"]
-    k = ours["pairs_per_source"]
-    parts.append((f"1. Ours, one core ({ours['pairs']} pairs from {ours['sources']} photos, 512² GT → 128² LQ)",
-                  render_table(["step", "ms/pair"], [
-                      ["decode (load_source), per source photo", fmt_num(m["decode_per_source"], 2)],
-                      [f"decode, per pair (amortised over {k:.0f} crops)", fmt_num(m["decode_amortised"], 2)],
-                      ["sampling (sample_seed + sample_recipe)", fmt_num(m["sample"], 2)],
-                      ["prepare_gt (crop, flip, USM)", fmt_num(m["prepare_gt"], 2)],
-                      ["  of which USM", fmt_num(m["usm"], 2)],
-                      ["degrade_gt (second-order degradation)", fmt_num(m["degrade_gt"], 2)],
-                      ["encoding (2 × encode_png)", fmt_num(m["encode"], 2)],
-                      [f"total, {k:.0f} crops per decode", fmt_num(ours["total_ms_amortised"], 2)],
-                      ["total, one decode per pair", fmt_num(ours["total_ms_one_decode_per_pair"], 2)],
-                      [f"pairs/s, {k:.0f} crops per decode", fmt_num(ours["pairs_per_s_amortised"], 1)],
-                      ["pairs/s, one decode per pair", fmt_num(ours["pairs_per_s_one_decode_per_pair"], 1)],
-                  ], md)))
+Section = tuple[str, str]  # (title, body)
+
+
+def _section_ours(ours: dict[str, Any], md: bool) -> Section:
+    m, k = ours["ms_per_pair"], ours["pairs_per_source"]
+    rows = [
+        ["decode (load_source), per source photo", fmt_num(m["decode_per_source"], 2)],
+        [f"decode, per pair (amortised over {k:.0f} crops)", fmt_num(m["decode_amortised"], 2)],
+        ["sampling (sample_seed + sample_recipe)", fmt_num(m["sample"], 2)],
+        ["prepare_gt (crop, flip, USM)", fmt_num(m["prepare_gt"], 2)],
+        ["  of which USM", fmt_num(m["usm"], 2)],
+        ["degrade_gt (second-order degradation)", fmt_num(m["degrade_gt"], 2)],
+        ["encoding (2 × encode_png)", fmt_num(m["encode"], 2)],
+        [f"total, {k:.0f} crops per decode", fmt_num(ours["total_ms_amortised"], 2)],
+        ["total, one decode per pair", fmt_num(ours["total_ms_one_decode_per_pair"], 2)],
+        [f"pairs/s, {k:.0f} crops per decode", fmt_num(ours["pairs_per_s_amortised"], 1)],
+        ["pairs/s, one decode per pair", fmt_num(ours["pairs_per_s_one_decode_per_pair"], 1)],
+    ]
+    return (f"1. Ours, one core ({ours['pairs']} pairs from {ours['sources']} photos, 512² GT → 128² LQ)",
+            render_table(["step", "ms/pair"], rows, md))
+
+
+def _section_stages(ours: dict[str, Any], bsr: dict[str, Any], md: bool) -> Section:
+    ob, bm = ours["breakdown_ms_per_pair"], bsr.get("ms_per_pair", {})
     rows = []
-    ob = ours["breakdown_ms_per_pair"]
-    bm = bsr.get("ms_per_pair", {})
     for name, what in STAGES:
         a, b = ob.get(name, 0.0), bm.get(name)
         ratio = fmt_num(b / a, 0) + "×" if b is not None and a > 0.005 else "–"
         rows.append([f"{name}: {what}", fmt_num(a, 2), fmt_num(b, 1), ratio])
-    tot_o = sum(ob.values())
-    rows.append(["total (one decode per pair)", fmt_num(tot_o, 1), fmt_num(bsr.get("total_ms"), 1),
-                 fmt_num(bsr["total_ms"] / tot_o, 0) + "×" if bsr.get("available") else "–"])
+    total = sum(ob.values())
+    rows.append(["total (one decode per pair)", fmt_num(total, 1), fmt_num(bsr.get("total_ms"), 1),
+                 fmt_num(bsr["total_ms"] / total, 0) + "×" if bsr.get("available") else "–"])
     rows.append(["PNG KB per pair (HQ + LQ)", fmt_num(ours["png_kb_per_pair"], 0),
                  fmt_num(bsr.get("png_kb_per_pair"), 0), "–"])
     title = (f"2. Per stage, one core, ms/pair: ours ({ours['pairs']} pairs) vs BasicSR "
              f"{bsr.get('version', '(not installed)')} ({bsr.get('pairs', 0)} pairs, same crops)")
     if not ours["breakdown_matches_api"]:
         title += "  [WARNING: ours' breakdown does not reproduce degrade_gt's bytes]"
-    parts.append((title, render_table(["stage", "ours", "BasicSR", "BasicSR/ours"], rows, md)))
+    return title, render_table(["stage", "ours", "BasicSR", "BasicSR/ours"], rows, md)
 
-    jr = []
+
+def _section_job(jobs: dict[str, Any], md: bool) -> Section:
+    rows = []
     for r in jobs["runs"]:
-        name = "serial" if r["distributor"] == "serial" else f"Ray, {r['workers']} worker{'s' * (r['workers'] > 1)}"
-        extra = (f"excluded: Ray init {r['ray_init_s']:.1f} s, warm-up {r['worker_warmup_s']:.1f} s, "
-                 f"settle {r['settle_s']:.1f} s"
-                 if r["distributor"] == "ray" else "in-process")
-        jr.append([name, str(r["pairs"]), str(r["shards"]), fmt_num(r["wall_s"], 2), fmt_num(r["pairs_per_s"], 1),
-                   fmt_num(r.get("worker_peak_rss_mb"), 0), extra])
+        if r["distributor"] == "serial":
+            name, note = "serial", "in the benchmark's process"
+        else:
+            name = f"Ray, {r['workers']} worker{'s' * (r['workers'] > 1)}"
+            note = (f"excluded: Ray init {r['ray_init_s']:.1f} s, warm-up {r['worker_warmup_s']:.1f} s, "
+                    f"settle {r['settle_s']:.1f} s")
+        rows.append([name, str(r["pairs"]), str(r["shards"]), fmt_num(r["wall_s"], 2), fmt_num(r["pairs_per_s"], 1),
+                     fmt_num(r.get("worker_peak_rss_mb"), 0), note])
     for s in jobs["rss_scaling"]:
-        jr.append([f"serial, fresh process, {s['images']} images", str(s["pairs"]), "–", fmt_num(s["wall_s"], 2),
-                   fmt_num(s["pairs"] / s["wall_s"], 1), fmt_num(s["peak_rss_mb"], 0), "peak RSS = VmHWM"])
-    parts.append((f"3. The whole job (run_degrade, {jobs['crops_per_image']} crops per photo, "
-                  f"{jobs['rows_per_shard']} rows per shard)",
-                  render_table(["run", "pairs", "shards", "wall s", "pairs/s", "peak RSS MB/worker", "note"], jr, md)))
+        rows.append([f"serial, fresh process, {s['images']} images", str(s["pairs"]), "–", fmt_num(s["wall_s"], 2),
+                     fmt_num(s["pairs"] / s["wall_s"], 1), fmt_num(s["peak_rss_mb"], 0), "peak RSS = VmHWM"])
+    return (f"3. The whole job (run_degrade, {jobs['crops_per_image']} crops per photo, "
+            f"{jobs['rows_per_shard']} rows per shard)",
+            render_table(["run", "pairs", "shards", "wall s", "pairs/s", "peak RSS MB/worker", "note"], rows, md))
 
+
+def _section_psnr(st: dict[str, Any], md: bool) -> Section:
     def row(label: str, s: dict[str, float] | None) -> list[str]:
         if not s:
             return [label, "–", "–", "–"]
         return [label, str(s["n"]), fmt_num(s["mean"], 2), fmt_num(s["std"], 2)]
 
-    sr = [row("ours, all pairs", st["ours_all"]),
-          row("ours, the BasicSR crops", st.get("ours_same_crops")),
-          row("BasicSR, same crops", st.get("basicsr_same_crops")),
-          row("BasicSR's ops driven by our recipes (same crops)", st.get("basicsr_ops_on_our_recipes")),
-          row("plain bicubic ×4 down/up (same crops)", st.get("bicubic_roundtrip_same_crops")),
-          row("plain bicubic ×4 down/up (all pairs)", st["bicubic_roundtrip_all"])]
-    parts.append(("4. PSNR (dB) of bicubic-upsampled LQ vs stored HQ",
-                  render_table(["pipeline", "n", "mean", "std"], sr, md)))
+    rows = [row("ours, all pairs", st["ours_all"]),
+            row("ours, the BasicSR crops", st.get("ours_same_crops")),
+            row("BasicSR, same crops", st.get("basicsr_same_crops")),
+            row("BasicSR's ops driven by our recipes (same crops)", st.get("basicsr_ops_on_our_recipes")),
+            row("plain bicubic ×4 down/up (same crops)", st.get("bicubic_roundtrip_same_crops")),
+            row("plain bicubic ×4 down/up (all pairs)", st["bicubic_roundtrip_all"])]
+    return "4. PSNR (dB) of bicubic-upsampled LQ vs stored HQ", render_table(["pipeline", "n", "mean", "std"], rows, md)
 
+
+def _section_headlines(res: dict[str, Any], md: bool) -> Section:
+    bsr, st, h, jobs = res["basicsr_one_core"], res["statistics"], res["headlines"], res["job"]
+    k = res["ours_one_core"]["pairs_per_source"]
     lines = []
     if bsr.get("available"):
         d, pd, u = st["ours_minus_basicsr"], st["ours_minus_basicsr_ops_paired"], st["hq_vs_basicsr_usm"]
         lines += [
+            f"ours {h['speedup_vs_basicsr']:.1f}× BasicSR's pairs/s on one core (one decode per pair; "
+            f"{h['speedup_vs_basicsr_amortised']:.1f}× with {k:.0f} crops per decode; the whole job on one "
+            f"Ray worker {h['speedup_vs_basicsr_job_1w']:.1f}×)  target ≥ 10×",
             f"ours − BasicSR mean PSNR: {d['diff']:+.2f} dB (± {d['se']:.2f} dB standard error; different random draws)",
             f"ours − BasicSR ops on the same recipes, paired: {pd['diff']:+.2f} ± {pd['se']:.2f} dB "
             f"(largest single-pair gap {pd['abs_max']:.2f} dB)",
             f"HQ (USM) ours vs BasicSR on the same crops: max {u['max_abs']} level(s), "
             f"{100 * u['fraction_differing']:.3f}% of values differ, min PSNR {u['psnr_min']:.1f} dB",
             f"kernels ours vs BasicSR for the same draws: max |Δ| {bsr['kernel_max_abs_diff_vs_ours']:.1e}",
-            f"ours {h['speedup_vs_basicsr']:.1f}× BasicSR's pairs/s on one core (one decode per pair; "
-            f"{h['speedup_vs_basicsr_amortised']:.1f}× with {k:.0f} crops per decode)  target ≥ 10×",
         ]
     else:
         lines.append(f"BasicSR comparison skipped: {bsr.get('reason')}")
@@ -553,13 +561,24 @@ def tables(res: dict[str, Any], md: bool) -> str:
         f"peak RSS per Ray worker: {h['worker_peak_rss_mb']:.0f} MB  target < 1 GB; serial peak RSS over "
         + ", ".join(f"{s['images']} images {s['peak_rss_mb']:.0f} MB" for s in jobs["rss_scaling"])
         + f" ({h['serial_peak_rss_growth_mb']:+.0f} MB from the first to the last)",
+        f"CPU used by other processes during the run: {_foreign(res['machine'])} (near 0: clean timings)",
     ]
     bullet = "- " if md else "  "
-    parts.append(("5. Headlines (all measured in this run)", "\n".join(bullet + ln for ln in lines)))
-    sep = "\n\n"
+    return "5. Headlines (all measured in this run)", "\n".join(bullet + ln for ln in lines)
+
+
+def tables(res: dict[str, Any], md: bool) -> str:
+    """Every table of the report, as plain text or Markdown."""
+    ours, bsr = res["ours_one_core"], res["basicsr_one_core"]
+    parts = [_section_ours(ours, md), _section_stages(ours, bsr, md), _section_job(res["job"], md),
+             _section_psnr(res["statistics"], md), _section_headlines(res, md)]
     if md:
-        return sep.join(f"### {t}\n\n{body}" for t, body in parts)
-    return sep.join(f"{t}\n{body}" for t, body in parts)
+        return "\n\n".join(f"### {t}\n\n{body}" for t, body in parts)
+    return "\n\n".join(f"{t}\n{body}" for t, body in parts)
+
+
+def _foreign(machine: dict[str, Any]) -> str:
+    return ", ".join(f"{v['cpu_s']:.1f} s ({k})" for k, v in machine.get("foreign_cpu_s", {}).items()) or "–"
 
 
 def write_outputs(res: dict[str, Any], out: Path) -> Path:
@@ -569,7 +588,8 @@ def write_outputs(res: dict[str, Any], out: Path) -> Path:
     mi = res["machine"]
     md.write_text(f"## Degradation benchmark, {mi['date']}\n\n{mi['cpu']}, {mi['cores']} cores; "
                   f"Python {mi['python']}, numpy {mi['numpy']}, OpenCV {mi['opencv']}, torch {mi['torch']}, "
-                  f"Ray {mi['ray']}; {mi['busy_cores_at_start']:.2f} cores busy elsewhere when it started.\n\n"
+                  f"Ray {mi['ray']}; {mi['busy_cores_at_start']:.2f} cores busy elsewhere when it started; other "
+                  f"processes used {_foreign(mi)} of CPU during it.\n\n"
                   + tables(res, md=True) + "\n")
     return md
 
@@ -582,8 +602,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=120, help="pairs for our one-core measurement (default 120)")
     ap.add_argument("--basicsr-pairs", type=int, default=24,
                     help="pairs for BasicSR (~1.5 s each on one core; default 24)")
-    ap.add_argument("--crops", type=int, default=8,
-                    help="crops per photo in the whole-job runs: 15 × 8 = 120 pairs, 15 shards (default 8)")
+    ap.add_argument("--crops", type=int, default=16,
+                    help="crops per photo in the whole-job runs: 15 × 16 = 240 pairs, 30 shards of 8 (default 16)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result; Markdown goes beside it")
     ap.add_argument("--rss-child", nargs=2, metavar=("MANIFEST", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -608,17 +628,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: {busy:.1f} cores already busy before the benchmark started; timings and the "
               "2-worker scaling will be pessimistic. Rerun on an idle machine.", file=sys.stderr)
 
+    monitor = ForeignCpuMonitor(interval_s=2.0).start()
     print(f"[1/3] ours, one core: {len(rows)} pairs …", file=sys.stderr)
-    ours = bench_ours(rows)
+    with monitor.section("ours_one_core"):
+        ours = bench_ours(rows)
     res["ours_one_core"] = ours.summary
     print(f"[2/3] BasicSR, one core: {args.basicsr_pairs} pairs …", file=sys.stderr)
     bsr_rows = rows[: args.basicsr_pairs]
-    bsr = bench_basicsr(bsr_rows, ours) if bsr_rows else {"available": False, "reason": "--basicsr-pairs 0"}
+    with monitor.section("basicsr_one_core"):
+        bsr = bench_basicsr(bsr_rows, ours) if bsr_rows else {"available": False, "reason": "--basicsr-pairs 0"}
     res["statistics"] = output_statistics(bsr_rows, ours, bsr)
     res["basicsr_one_core"] = {k: v for k, v in bsr.items() if not k.startswith("_")}
-    print("[3/3] the whole job: serial, Ray 1 worker, Ray 2 workers, memory over 15 and 30 images …",
+    print("[3/3] the whole job: serial, Ray 1 worker, Ray 2 workers, memory over 15, 30, 60 images …",
           file=sys.stderr)
-    res["job"] = bench_jobs(work, args.crops)
+    with monitor.section("job"):
+        res["job"] = bench_jobs(work, args.crops)
+    res["machine"]["foreign_cpu_s"] = foreign = monitor.stop()
+    if max(v["cpu_s"] for v in foreign.values()) > 2.0:
+        print(f"WARNING: other processes used CPU during the run ({_foreign(res['machine'])}); the figures "
+              "are pessimistic. Rerun on an idle machine. Top commands are in the JSON (machine.foreign_cpu_s).",
+              file=sys.stderr)
     res["headlines"] = headlines(res)
     res["machine"]["loadavg_end"] = os.getloadavg()[0]
     res["elapsed_s"] = time.perf_counter() - started

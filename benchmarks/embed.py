@@ -41,7 +41,9 @@ from bench_common import busy_cores, fmt_num, render_table  # noqa: E402
 from pipeline.embed_config import EmbedConfig  # noqa: E402
 from pipeline.embed_worker import build_embed_shard  # noqa: E402
 from pipeline.shards import ShardWriter, atomic_write_json, read_sidecar, shard_path, sidecar_path  # noqa: E402
-from pipeline.text_embed import CHUNK_LENGTH, encode_captions, load_text_encoder, quiet_transformers, tokenize  # noqa: E402
+from pipeline.text_embed import (  # noqa: E402
+    CHUNK_LENGTH, encode_captions, load_text_encoder, quiet_transformers, tokenize,
+)
 from pipeline.tiny_sd import build_tiny_sd, text_encoder_config  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench-out" / "embed.json"

@@ -35,10 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", required=True, help="manifest JSON (see manifests/)")
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--shard", type=int, help="embed this captions shard")
-    which.add_argument("--all", action="store_true", help="embed every captions shard whose text_emb is missing or stale")
+    which.add_argument("--all", action="store_true",
+                       help="embed every captions shard whose text_emb is missing or stale")
     ap.add_argument("--out", help="output root; overrides the manifest's \"output\"")
-    ap.add_argument("--device", choices=("cpu", "cuda"), help="overrides text_embed.device (default: CUDA if present)")
+    ap.add_argument("--device", choices=("cpu", "cuda"),
+                    help="overrides text_embed.device (default: CUDA if present)")
     ap.add_argument("--force", action="store_true", help="re-encode every row")
+    ap.add_argument("--actors", type=int,
+                    help="with --all: fan shards out to this many Ray actors (one per GPU on a cluster); "
+                         "default: this process")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.shard is not None and args.shard < 0:
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device:
             cfg = dataclasses.replace(cfg, device=args.device)
         result = run_embed(manifest.output, cfg, None if args.all else [args.shard],
-                           show_progress=not args.no_progress, force=args.force,
+                           show_progress=not args.no_progress, force=args.force, actors=args.actors,
                            index_extra={"manifest": str(manifest.path), "name": manifest.name})
     except (ManifestError, EmbedInputError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -140,7 +140,8 @@ def _actor_plan(cfg: CaptionConfig, actors: int | None) -> tuple[int, dict[str, 
 
 def run_captions(out: Path, cfg: CaptionConfig, shard: int | None, overrides: dict[str, str],
                  actors: int | None = None, force: bool = False, show_progress: bool = True,
-                 log: Any = sys.stderr) -> CaptionJobResult:
+                 log: Any = None) -> CaptionJobResult:
+    log = log or sys.stderr
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     if shard is not None:

@@ -76,7 +76,8 @@ def remove_orphans(out: Path, planned: int) -> list[Path]:
     return removed
 
 
-def todo_shards(plans: list[ShardPlan], manifest: Manifest, out: Path, log: Any = sys.stderr) -> list[ShardPlan]:
+def todo_shards(plans: list[ShardPlan], manifest: Manifest, out: Path, log: Any = None) -> list[ShardPlan]:
+    log = log or sys.stderr
     todo = []
     for plan in plans:
         arrow = shard_path(out, STAGE, plan.shard)
@@ -89,7 +90,8 @@ def todo_shards(plans: list[ShardPlan], manifest: Manifest, out: Path, log: Any 
 
 
 def run_degrade(manifest: Manifest, distributor: str = "ray", workers: int | None = None,
-                show_progress: bool = True, log: Any = sys.stderr) -> JobResult:
+                show_progress: bool = True, log: Any = None) -> JobResult:
+    log = log or sys.stderr  # resolved per call: pytest and callers may swap stderr
     out = manifest.output
     with build_lock(out, STAGE):
         clean_tmp(out, STAGE)

@@ -11,7 +11,7 @@ from typing import Any
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
     # An SD1.5 directory or hub id: its tokenizer/ and text_encoder/ are used.
-    model: str = "runwayml/stable-diffusion-v1-5"
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     max_chunks: int = 4
     batch_size: int = 64
     device: str = "auto"

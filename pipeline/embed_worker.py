@@ -28,8 +28,8 @@ import pyarrow as pa
 import pipeline
 from pipeline.embed_config import EmbedConfig
 from pipeline.shards import (
-    SHARD_GLOB, DiskFullError, ShardWriter, atomic_file, atomic_write_json, build_lock, clean_tmp, read_sidecar, read_table,
-    shard_path, sidecar_path, verify_shard,
+    SHARD_GLOB, DiskFullError, ShardWriter, atomic_file, atomic_write_json, build_lock, clean_tmp, read_sidecar,
+    read_table, shard_path, sidecar_path, verify_shard,
 )
 from pipeline.text_embed import (
     CHUNK_LENGTH, EmbeddedRow, EmbedInputError, empty_prompt_embedding, encode_captions, encoder_identity,
@@ -277,6 +277,7 @@ def build_embed_shard(shard: int, out: Path, cfg: EmbedConfig, tokenizer: Any, e
     del prev  # release the old file's mapping
     failed_keys = [k for k, s in zip(captions.keys, captions.statuses) if s == "failed"]
     total_s = time.time() - started
+    rate = round(summary["encoded"] / timing["encode_s"], 2) if timing["encode_s"] else None
     sidecar = {
         **stage_expectations(shard, chash),
         "rows": len(captions),
@@ -303,7 +304,7 @@ def build_embed_shard(shard: int, out: Path, cfg: EmbedConfig, tokenizer: Any, e
         "empty_prompt": f"{STAGE}/{EMPTY_PROMPT_FILE}",
         "software": software_versions(),
         "timing": {**{k: round(v, 3) for k, v in timing.items()}, "total_s": round(total_s, 3),
-                   "encoded_rows_per_s": round(summary["encoded"] / timing["encode_s"], 2) if timing["encode_s"] else None,
+                   "encoded_rows_per_s": rate,
                    "host": platform.node()},
     }
     atomic_write_json(sidecar_path(arrow), sidecar)
@@ -359,6 +360,7 @@ class EmbedJobResult:
     failed_captions: int = 0
     truncated_rows: int = 0
     truncated_tokens: int = 0
+    not_ready: list[int] = dataclasses.field(default_factory=list)  # captions shards not complete
     errors: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -367,9 +369,13 @@ class EmbedJobResult:
 
     def summary(self) -> str:
         lines = [f"text_emb: {self.shards} shards ({self.built} built, {self.skipped} already current), "
-                 f"{self.rows} rows ({self.encoded} encoded now, {self.reused} copied unchanged from the previous shards); "
+                 f"{self.rows} rows ({self.encoded} encoded now, {self.reused} copied unchanged "
+                 "from the previous shards); "
                  f"{self.failed_captions} failed captions embedded as the empty prompt; "
                  f"{self.truncated_rows} rows truncated ({self.truncated_tokens} tokens dropped)"]
+        if self.not_ready:
+            lines.append(f"  {len(self.not_ready)} captions shards not complete, not embedded: {self.not_ready[:20]}"
+                         " (finish them with jobs/caption.py, then rerun)")
         lines += [f"  ERROR {e}" for e in self.errors]
         return "\n".join(lines)
 
@@ -385,18 +391,54 @@ def _captions_shards(out: Path, log: Any) -> list[int]:
     return found
 
 
+class EmbedShardRunner:
+    """What one Ray actor holds for `--all --actors N`: an encoder loaded once."""
+
+    def __init__(self, cfg: EmbedConfig, out: str, identity: str, force: bool) -> None:
+        self.cfg, self.out, self.identity, self.force = cfg, Path(out), identity, force
+        self.tokenizer, self.encoder = load_text_encoder(cfg.model, cfg.device)
+
+    def run(self, shard: int, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        return build_embed_shard(shard, self.out, self.cfg, self.tokenizer, self.encoder, progress,
+                                 identity=self.identity, force=self.force)
+
+
+def _on_actors(todo: list[int], cfg: EmbedConfig, out: Path, identity: str, force: bool, actors: int,
+               rows: int, show_progress: bool, result: "EmbedJobResult") -> None:
+    """Fan shards out to actors (one per GPU on a GPU cluster), as the caption stage does."""
+    import ray
+
+    from pipeline import distribute
+
+    distribute.init_ray(None)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = {"num_gpus": 1} if gpus and cfg.device != "cpu" else {"num_cpus": 1}
+    n = actors or gpus or 1
+    for r in distribute.run_actor_pool(todo, EmbedShardRunner,
+                                       {"cfg": cfg, "out": str(out), "identity": identity, "force": force},
+                                       n, resources, desc="embed", unit="row", total_rows=rows,
+                                       show_progress=show_progress):
+        if "error" in r:
+            result.errors.append(str(r["error"]))
+        else:
+            result.built += 1
+
+
 def run_embed(out: Path, cfg: EmbedConfig, shards: list[int] | None = None, show_progress: bool = True,
-              log: Any = sys.stderr, index_extra: dict[str, Any] | None = None,
-              force: bool = False) -> EmbedJobResult:
+              log: Any = None, index_extra: dict[str, Any] | None = None,
+              force: bool = False, actors: int | None = None) -> EmbedJobResult:
     """Embed the given captions shards (None: all of them) that are missing or stale.
 
     The model reference is checked and the work planned before the encoder loads, so
     a rerun with nothing to do takes seconds; the encoder loads once for all shards.
+    With `actors` (and all shards), shards go to that many Ray actors instead.
     """
     from pipeline.index import rebuild_index
 
     out = Path(out)
-    single = shards is not None and len(shards) == 1
+    log = log if log is not None else sys.stderr  # looked up now: tests and callers may redirect it
+    explicit = shards is not None
+    single = explicit and len(shards) == 1  # type: ignore[arg-type]
     lock = build_lock(out, STAGE, shard=shards[0] if single else None)  # type: ignore[index]
     with contextlib.ExitStack() as stack:
         try:
@@ -405,11 +447,23 @@ def run_embed(out: Path, cfg: EmbedConfig, shards: list[int] | None = None, show
             raise EmbedInputError(str(e)) from None
         clean_tmp(out, STAGE, shard=shards[0] if single else None)  # type: ignore[index]
         root = local_model_dir(cfg.model)  # a wrong model path fails before any work
+        not_ready: list[int] = []
         if shards is None:
             shards = _captions_shards(out, log)
             if not shards:
-                raise MissingCaptionsError(f"no complete captions shards in {out / CAPTIONS}; run jobs/caption.py first")
-        captions = {s: read_captions(s, out) for s in shards}  # fails early on a missing shard
+                raise MissingCaptionsError(f"no complete captions shards in {out / CAPTIONS}; "
+                                           "run jobs/caption.py first")
+        if explicit:  # asked for by number: a missing or torn captions shard is an error
+            captions = {s: read_captions(s, out) for s in shards}
+        else:  # --all: a captions shard being rewritten right now is left for a later run
+            captions = {}
+            for s in shards:
+                try:
+                    captions[s] = read_captions(s, out)
+                except MissingCaptionsError as e:
+                    print(f"skipping: {e}", file=log)
+                    not_ready.append(s)
+            shards = [s for s in shards if s in captions]
         tokenizer = encoder = None
         if root is None:  # a hub id: its files are known once loaded
             tokenizer, encoder = load_text_encoder(cfg.model, cfg.device)
@@ -425,14 +479,19 @@ def run_embed(out: Path, cfg: EmbedConfig, shards: list[int] | None = None, show
         rows = sum(len(captions[s]) for s in todo)
         print(f"text_emb: {len(shards)} captions shards, {len(todo)} to embed ({rows} rows) with "
               f"{cfg.model} [{chash}] -> {out / STAGE}", file=log)
-        result = EmbedJobResult(shards=len(shards), skipped=len(shards) - len(todo))
+        result = EmbedJobResult(shards=len(shards), skipped=len(shards) - len(todo), not_ready=not_ready)
         if todo or not empty_prompt_current(out, chash):
             if encoder is None:
                 tokenizer, encoder = load_text_encoder(cfg.model, cfg.device)
             ensure_empty_prompt(out, cfg, tokenizer, encoder, identity)
-        bar = _bar(rows) if show_progress and todo else None
+        if actors and not explicit and todo:
+            _on_actors(todo, cfg, out, identity, force, actors, rows, show_progress, result)
+            todo_local: list[int] = []
+        else:
+            todo_local = todo
+        bar = _bar(rows) if show_progress and todo_local else None
         try:
-            for s in todo:
+            for s in todo_local:
                 try:
                     build_embed_shard(s, out, cfg, tokenizer, encoder, progress=bar.update if bar else None,
                                       identity=identity, force=force)

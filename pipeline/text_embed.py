@@ -84,7 +84,8 @@ def local_model_dir(model: str) -> Path | None:
     tok = path / "tokenizer"
     if not tok.is_dir():
         missing.append(f"{tok}/ (the CLIP tokenizer)")
-    elif not ((tok / "tokenizer.json").is_file() or ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file())):
+    elif not ((tok / "tokenizer.json").is_file()
+              or ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file())):
         missing.append(f"{tok}/vocab.json + merges.txt (or tokenizer.json)")
     enc = path / "text_encoder"
     if not enc.is_dir():

@@ -225,7 +225,8 @@ def test_tiny_sd_is_deterministic(tmp_path: Path, tiny_sd: Path) -> None:
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
     # another seed: same architecture and file sizes, other weights -> another identity
     other = build_tiny_sd(tmp_path / "other", hidden=D, layers=2, seed=1, parts=("text_encoder",))
-    assert (other / "text_encoder/model.safetensors").stat().st_size == (tiny_sd / "text_encoder/model.safetensors").stat().st_size
+    weights = "text_encoder/model.safetensors"
+    assert (other / weights).stat().st_size == (tiny_sd / weights).stat().st_size
     shutil.copytree(tiny_sd / "tokenizer", other / "tokenizer")
     assert model_identity(other) != model_identity(tiny_sd)
 
@@ -337,7 +338,8 @@ def test_shard_schema_keys_and_sidecar(embedded: dict, tiny_sd: Path) -> None:
     assert (c["truncated_rows"], c["truncated_tokens"]) == (1, 20)
     assert side["failed_caption_keys"] == [rows[3][0]] and side["failed"] == []
     assert 0.0 < side["padding_waste"] < 1.0
-    assert side["model"]["identity"] == model_identity(tiny_sd) and side["config_hash"].endswith(model_identity(tiny_sd))
+    ident = model_identity(tiny_sd)
+    assert side["model"]["identity"] == ident and side["config_hash"].endswith(ident)
     index = json.loads((out / "index.json").read_text())
     assert index["stages"]["text_emb"]["rows"] == len(rows)
 
@@ -354,7 +356,8 @@ def test_empty_prompt_file(embedded: dict, te: tuple) -> None:
     assert hidden.dtype == np.float16 and hidden.shape == (CHUNK_LENGTH, D)
     assert meta["config_hash"] == read_sidecar(embedded["arrow"])["config_hash"]
     ids = tokenizer("", padding="max_length", max_length=CHUNK_LENGTH, return_tensors="np")["input_ids"]
-    np.testing.assert_allclose(hidden.astype(np.float32), _direct(encoder, ids).astype(np.float32), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(hidden.astype(np.float32), _direct(encoder, ids).astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
     # the failed caption's row is that same empty prompt
     failed = _row_hidden(read_table(embedded["arrow"]), 3)
     np.testing.assert_allclose(failed.astype(np.float32), hidden.astype(np.float32), rtol=2e-3, atol=2e-3)
@@ -467,3 +470,25 @@ def test_empty_prompt_written_once(tmp_path: Path, tiny_sd: Path, te: tuple) -> 
     stamp = path.stat().st_mtime_ns
     assert ensure_empty_prompt(tmp_path, cfg, tokenizer, encoder, ident) == path
     assert path.stat().st_mtime_ns == stamp
+
+
+def test_all_skips_unfinished_captions_shard_and_lock_is_exclusive(tmp_path: Path, tiny_sd: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.shards import build_lock
+
+    out = tmp_path / "out"
+    write_captions(out, 0, [("a", "cat", "ok"), ("b", "a dog on a sofa", "ok")])
+    unfinished = write_captions(out, 1, [("c", "bird", "ok")])
+    sidecar_path(unfinished).unlink()  # a caption job still writing it, or killed
+    manifest = write_manifest(tmp_path / "m.json", out, tiny_sd)
+    assert embed_cli.main(["--manifest", str(manifest), "--all", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "shard-00001.arrow: not finished" in captured.err
+    assert "1 built" in captured.out
+    assert shard_path(out, "text_emb", 0).is_file() and not shard_path(out, "text_emb", 1).exists()
+    # asked for by number, the same shard is an error
+    assert embed_cli.main(["--manifest", str(manifest), "--shard", "1", "--no-progress"]) == 2
+    assert "captions shard" in capsys.readouterr().err
+    with build_lock(out, "text_emb"):
+        assert embed_cli.main(["--manifest", str(manifest), "--shard", "0", "--no-progress"]) == 2
+        assert "another job" in capsys.readouterr().err
