@@ -7,7 +7,10 @@ runs its real code path on a CPU without downloading anything. They restore noth
 useful: random weights caption and encode noise.
 
   .cache/tiny/llava/   LlavaForConditionalGeneration + processor (tokenizer trained here)
-  .cache/tiny/sd15/    SD1.5-shaped folder: tokenizer/ (the real CLIP BPE) and text_encoder/
+  .cache/tiny/sd15/    SD1.5-shaped folder: tokenizer/ (the real CLIP BPE), text_encoder/, unet/,
+                       vae/, scheduler/ and image_encoder/ (a timm CLIP ViT shaped like ViT-L/14)
+
+Builds are deterministic (same bytes every time), so rebuilding is always safe.
 """
 
 from __future__ import annotations
@@ -25,14 +28,10 @@ from pipeline.tiny_sd import build_tiny_sd  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".cache/tiny", help="folder to build into")
-    ap.add_argument("--force", action="store_true", help="rebuild even if present")
     args = ap.parse_args(argv)
     out = Path(args.out)
     for name, build in (("llava", build_tiny_llava), ("sd15", build_tiny_sd)):
         target = out / name
-        if target.is_dir() and any(target.iterdir()) and not args.force:
-            print(f"{target} exists (use --force to rebuild)")
-            continue
         build(target)
         print(f"built {target}")
     return 0

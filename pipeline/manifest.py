@@ -65,6 +65,11 @@ class Manifest:
         """A later stage's section, already ${VAR}-expanded (empty if absent)."""
         return dict(self.raw.get(key, {}))
 
+    def settings(self, cls: type, key: str) -> Any:
+        """A section parsed into `cls` with the same checks as the built-in sections
+        (stages outside `pipeline`, like the trainer, own their settings classes)."""
+        return section_config(cls, key, self.section(key), self.path)
+
 
 def _expand(value: Any, where: str, file: Path) -> Any:
     if isinstance(value, str):
@@ -103,7 +108,7 @@ def _check_type(value: Any, expected: type | tuple[type, ...], where: str, file:
         )
 
 
-def _section(cls: type, name: str, section: dict[str, Any], file: Path) -> Any:
+def section_config(cls: type, name: str, section: dict[str, Any], file: Path) -> Any:
     """Type-check a settings section against a frozen dataclass's fields and defaults."""
     fields = {f.name for f in dataclasses.fields(cls)}
     defaults = cls()
@@ -199,8 +204,8 @@ def load_manifest(path: str | os.PathLike[str], out: str | os.PathLike[str] | No
         seed=raw["seed"],
         output=output,
         sources=sources,
-        degrade=_section(DegradeConfig, "degrade", raw.get("degrade", {}), file),
-        caption=_section(CaptionConfig, "caption", raw.get("caption", {}), file),
-        text_embed=_section(EmbedConfig, "text_embed", raw.get("text_embed", {}), file),
+        degrade=section_config(DegradeConfig, "degrade", raw.get("degrade", {}), file),
+        caption=section_config(CaptionConfig, "caption", raw.get("caption", {}), file),
+        text_embed=section_config(EmbedConfig, "text_embed", raw.get("text_embed", {}), file),
         raw=raw,
     )

@@ -7,8 +7,18 @@ CLIP tokenizer (rebuilt from the BPE vocabulary that ships inside `open_clip_tor
 next to small random networks. Random weights make the numbers meaningless, but every
 shape, id, file name and loading step is the one the real model has.
 
-The folder is built part by part (see `PARTS`); a later milestone adds `unet/`, `vae/`
-and `scheduler/` by adding builders there.
+The folder is built part by part (see `PARTS`): `tokenizer/`, `text_encoder/`, `unet/`,
+`vae/`, `scheduler/` (SD1.5's own subfolders, loaded with diffusers/transformers
+`from_pretrained(dir, subfolder=...)`), and `image_encoder/`, a tiny CLIP ViT for timm
+shaped like `vit_large_patch14_clip_224` (OpenAI CLIP: 224², patch 14 → 256 patch tokens +
+CLS, pre-norm, QuickGELU) in timm's local-folder format (`config.json` with architecture,
+model_args and pretrained_cfg + `model.safetensors`), which `timm.create_model(
+"local-dir:<folder>", pretrained=True)` loads exactly like it loads hub weights.
+
+At the tiny sizes a 128² image gives a 16² latent (the VAE downsamples by 8, as SD1.5's does)
+and the UNet has SD1.5's block layout (three cross-attention down blocks and a plain one,
+then a plain up block and three cross-attention ones), so every code path that depends on
+the layout (ControlNet residual order, which blocks have attention) is the real one.
 """
 
 from __future__ import annotations
@@ -124,9 +134,68 @@ def text_encoder_config(hidden: int = 32, layers: int = 2, heads: int = 2, inter
     )
 
 
-# Each part writes its subfolder and returns its model_index.json entry
-# [library, class name]. Later parts (unet, vae, scheduler) are added here.
+# Each part writes its subfolder and returns its model_index.json entry [library, class name].
 PartBuilder = Callable[[Path, dict[str, Any]], list[str]]
+
+# SD1.5's block layout (diffusers names); the tiny UNet keeps it at small widths.
+SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD15_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+VAE_SCALING_FACTOR = 0.18215
+# SD1.5's training noise schedule (its scheduler/scheduler_config.json), as a DDPMScheduler.
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon", steps_offset=1, clip_sample=False, trained_betas=None,
+                      variance_type="fixed_small")
+# The tiny image encoder: vit_large_patch14_clip_224's architecture (patch 14 at 224², pre-norm,
+# LayerNorm eps 1e-5) at toy width; QuickGELU as OpenAI's CLIP (timm's plain name uses GELU).
+TINY_IMAGE_ENCODER = dict(architecture="vit_large_patch14_clip_224", tag="openai",
+                          model_args=dict(embed_dim=32, depth=2, num_heads=2, act_layer="quick_gelu", num_classes=0))
+# model_index.json keys: pipelines read every public key as a component, and
+# StableDiffusionPipeline's optional `image_encoder` component means a transformers
+# CLIPVisionModelWithProjection, so the timm encoder is listed under a private key.
+INDEX_KEYS = {"image_encoder": "_image_encoder"}
+
+
+def _seeded(seed: int, build: Callable[[], Any]) -> Any:
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def tiny_unet_config(cross_attention_dim: int = 32) -> dict[str, Any]:
+    """SD1.5's UNet layout at toy widths (about 2 M parameters); latents of 16²."""
+    return dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64, 64),
+                layers_per_block=1, cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+                norm_num_groups=8, down_block_types=SD15_DOWN_BLOCKS, up_block_types=SD15_UP_BLOCKS)
+
+
+def tiny_vae_config() -> dict[str, Any]:
+    """A 4-level AutoencoderKL (three downsamplings: 128² images → 16² latents, 4 channels)."""
+    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+                latent_channels=4, norm_num_groups=8, sample_size=128, scaling_factor=VAE_SCALING_FACTOR)
+
+
+def build_image_encoder(out_dir: Path, seed: int = 0, model_args: dict[str, Any] | None = None) -> Any:
+    """A random timm CLIP ViT in timm's local-folder format (config.json + model.safetensors).
+
+    `timm.create_model(f"local-dir:{out_dir}", pretrained=True)` rebuilds the architecture
+    from config.json (`architecture` + `model_args`) and loads the weights, the path a hub
+    checkpoint takes after download. pretrained_cfg carries the `.openai` tag's
+    preprocessing (OpenAI CLIP mean/std, bicubic, 224²).
+    """
+    import timm
+    from timm.models import save_for_hf
+
+    spec = TINY_IMAGE_ENCODER
+    args = dict(spec["model_args"], **(model_args or {}))
+    name = f"{spec['architecture']}.{spec['tag']}"
+    model = _seeded(seed, lambda: timm.create_model(name, pretrained=False, **args).eval())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model, str(out_dir), safe_serialization=True)
+    return model
 
 
 def _tokenizer_part(folder: Path, opts: dict[str, Any]) -> list[str]:
@@ -140,18 +209,52 @@ def _text_encoder_part(folder: Path, opts: dict[str, Any]) -> list[str]:
     return ["transformers", "CLIPTextModel"]
 
 
+def _unet_part(folder: Path, opts: dict[str, Any]) -> list[str]:
+    from diffusers import UNet2DConditionModel
+
+    unet = _seeded(opts["seed"], lambda: UNet2DConditionModel(**tiny_unet_config(opts["hidden"])))
+    unet.save_pretrained(str(folder), safe_serialization=True)
+    return ["diffusers", "UNet2DConditionModel"]
+
+
+def _vae_part(folder: Path, opts: dict[str, Any]) -> list[str]:
+    from diffusers import AutoencoderKL
+
+    vae = _seeded(opts["seed"], lambda: AutoencoderKL(**tiny_vae_config()))
+    vae.save_pretrained(str(folder), safe_serialization=True)
+    return ["diffusers", "AutoencoderKL"]
+
+
+def _scheduler_part(folder: Path, opts: dict[str, Any]) -> list[str]:
+    from diffusers import DDPMScheduler
+
+    DDPMScheduler(**SD15_SCHEDULER).save_pretrained(str(folder))
+    return ["diffusers", "DDPMScheduler"]
+
+
+def _image_encoder_part(folder: Path, opts: dict[str, Any]) -> list[str]:
+    build_image_encoder(folder, seed=opts["seed"])
+    return ["timm", TINY_IMAGE_ENCODER["architecture"]]
+
+
 PARTS: dict[str, PartBuilder] = {
     "tokenizer": _tokenizer_part,
     "text_encoder": _text_encoder_part,
+    "unet": _unet_part,
+    "vae": _vae_part,
+    "scheduler": _scheduler_part,
+    "image_encoder": _image_encoder_part,
 }
 
 
 def build_tiny_sd(out_dir: Path, hidden: int = 32, layers: int = 2, seed: int = 0,
                   parts: tuple[str, ...] | None = None) -> Path:
-    """Write an SD1.5-shaped folder (`tokenizer/`, `text_encoder/`, `model_index.json`).
+    """Write an SD1.5-shaped folder (`tokenizer/`, `text_encoder/`, `unet/`, `vae/`,
+    `scheduler/`, `image_encoder/`, `model_index.json`).
 
-    Deterministic: the same arguments give the same weights. `parts` limits which
-    subfolders are (re)built; by default all known parts.
+    Deterministic: the same arguments give the same bytes. `parts` limits which
+    subfolders are (re)built; by default all known parts. `hidden` is the text encoder's
+    width and so the UNet's cross_attention_dim.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +266,6 @@ def build_tiny_sd(out_dir: Path, hidden: int = 32, layers: int = 2, seed: int = 
     for name in parts or tuple(PARTS):
         if name not in PARTS:
             raise ValueError(f"unknown part {name!r}; known: {sorted(PARTS)}")
-        index[name] = PARTS[name](out_dir / name, opts)
+        index[INDEX_KEYS.get(name, name)] = PARTS[name](out_dir / name, opts)
     index_file.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     return out_dir

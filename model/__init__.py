@@ -1,0 +1,31 @@
+"""SSP-IR networks (frozen SD1.5 + Processor, ControlNet, Refine Layer, prior-guided attention).
+
+One job per module: processor.py, refine.py, controlnet.py, attention.py, image_encoder.py,
+sspir.py (the assembled model), summary.py (`python -m model.summary --manifest M`).
+The trainer and data loader live beside them. Names are imported lazily so that importing
+`model.<something>` does not load diffusers/timm unless needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "SSPIR": "model.sspir",
+    "Processor": "model.processor",
+    "RefineLayer": "model.refine",
+    "PriorAttentionSet": "model.attention",
+    "ImageEncoder": "model.image_encoder",
+    "load_image_encoder": "model.image_encoder",
+    "controlnet_from_unet": "model.controlnet",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")
