@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(PY) jobs/degrade.py --manifest manifests/demo.json
 	$(PY) jobs/caption.py --manifest manifests/demo.json --all --actors 2
 	$(PY) jobs/embed.py --manifest manifests/demo.json --all
+	$(PY) model/train.py --manifest manifests/demo.json --max-steps 30 --resume
 
 # Benchmarks compare against BasicSR's own functions; it is installed without its
 # declared dependencies (they pull a second OpenCV build), see docs/benchmarks.md.
@@ -31,6 +32,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/degrade.py
 	$(PY) benchmarks/caption.py
 	$(PY) benchmarks/embed.py
+	$(PY) benchmarks/train_loader.py
+	$(PY) benchmarks/train.py
 
 clean-demo:
 	rm -rf out/demo

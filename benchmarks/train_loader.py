@@ -130,7 +130,7 @@ def choose_build(arg: str | None, rows: int, hidden: int) -> tuple[Path, str]:
     candidates = [Path(arg)] if arg else [ROOT / "out" / "demo", WORK / "build"]
     for c in candidates:
         try:
-            verify_build(c, check_hash=False, progress=False)
+            verify_build(c, check_hash=False, show_progress=False)
             return c, "given" if arg else ("out/demo" if c == candidates[0] else "kept from an earlier run")
         except BuildError as e:
             if arg:
@@ -140,7 +140,7 @@ def choose_build(arg: str | None, rows: int, hidden: int) -> tuple[Path, str]:
     r = subprocess.run([sys.executable, __file__, "--prepare", "--rows", str(rows), "--hidden", str(hidden)], cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit("building the benchmark's build failed")
-    verify_build(WORK / "build", progress=False)
+    verify_build(WORK / "build", show_progress=False)
     return WORK / "build", "built now"
 
 
@@ -249,7 +249,8 @@ def run_loader(build: Path, workers: int, batch: int, seconds: float, warmup: fl
         inner._shutdown_workers()
     rate = n / dt
     return {
-        "workers": workers, "image_dtype": dtype, "batch_size": batch, "samples": n, "batches": batches, "seconds": round(dt, 2),
+        "workers": workers, "image_dtype": dtype, "batch_size": batch, "samples": n, "batches": batches,
+        "seconds": round(dt, 2),
         "samples_per_s": round(rate, 1),
         "per_worker_samples_per_s": round(rate / max(1, workers), 1),
         "worker_cpu_s": round(worker_cpu, 2), "main_cpu_s": round(cpu[os.getpid()], 2),

@@ -45,10 +45,12 @@ class TrainStep(torch.nn.Module):
         self.model, self.scheduler, self.cfg = model, scheduler, cfg
 
     def forward(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        from model.data import images_to_float
+
         dev = next(self.model.processor.parameters()).device
-        hq = batch["hq"].to(dev, non_blocking=True)
-        lq = batch["lq"].to(dev, non_blocking=True)
-        lq_up = batch["lq_up"].to(dev, non_blocking=True)
+        # The loader ships uint8 images (4× less to decode, share and pin); convert on the device.
+        imgs = images_to_float({k: batch[k].to(dev, non_blocking=True) for k in ("hq", "lq", "lq_up")})
+        hq, lq, lq_up = imgs["hq"], imgs["lq"], imgs["lq_up"]
         text = batch["text"].to(dev, non_blocking=True)
         latents = self.model.encode_images(hq, sample=True, generator=gen)
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(latents)
@@ -141,6 +143,9 @@ class Trainer:
         dev = self.accelerator.device
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision,
                                                                           torch.float32)
+        # The new layers are drawn from the global RNG: seed it so two runs (and a resumed
+        # one, whose fresh layers are then overwritten) start from the same weights.
+        torch.manual_seed(self.cfg.seed)
         try:
             self.model = SSPIR.from_pretrained(self.cfg.pretrained, self.cfg.image_encoder,
                                                processor_kwargs=self.cfg.processor or None,
@@ -181,7 +186,7 @@ class Trainer:
         loader = make_loader(self.build, batch_size=self.cfg.micro_batch_size, seed=self.cfg.seed,
                              rank=self.rank, world_size=self.world, num_workers=self.cfg.num_workers,
                              start_batch=self.step * self.accum, null_text_ratio=self.cfg.null_text_ratio,
-                             shards=self.shards)
+                             shards=self.shards, image_dtype=torch.uint8)
         return iter(loader)
 
     # ------------------------------------------------------------------- loop

@@ -168,6 +168,8 @@ def run_captions(out: Path, cfg: CaptionConfig, shard: int | None, overrides: di
             for r in distribute.run_actor_pool(shards, CaptionShardRunner,
                                                {"cfg": cfg, "out": str(out), "overrides": by_shard, "force": force},
                                                n_actors, resources, desc="caption", unit="caption",
+                                               total_rows=sum((read_sidecar(shard_path(out, "pairs", s)) or {})
+                                                              .get("rows", 0) for s in shards),
                                                show_progress=show_progress):
                 if "error" in r:
                     errors.append(str(r["error"]))

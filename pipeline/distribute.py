@@ -40,11 +40,11 @@ def run_serial(items: Sequence[Any], work: WorkFn, rows_of: Callable[[Any], int]
             except Exception as e:  # reported like a failed Ray task; the other shards go on
                 result = {"error": ShardTaskError(getattr(item, "shard", -1), f"{type(e).__name__}: {e}")}
             done += 1
-            if bar:
+            if bar is not None:
                 bar.set_postfix_str(f"shards {done}/{len(items)}")
             yield result
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
 
 
@@ -107,13 +107,13 @@ def _drain(pending: dict[Any, Any], counter: Any, total_rows: int | None, n_item
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            if bar:
+            if bar is not None:
                 bar.n = ray.get(counter.get.remote())
                 bar.refresh()
             for ref in ready:
                 item = pending.pop(ref)
                 done += 1
-                if bar:
+                if bar is not None:
                     bar.set_postfix_str(f"shards {done}/{n_items}")
                 if resubmit is not None:
                     nxt = resubmit(ref)
@@ -124,7 +124,7 @@ def _drain(pending: dict[Any, Any], counter: Any, total_rows: int | None, n_item
                 except ray.exceptions.RayError as e:
                     yield _error(item, e)
     finally:
-        if bar:
+        if bar is not None:
             bar.n = ray.get(counter.get.remote())
             bar.close()
         for ref in pending:

@@ -72,9 +72,9 @@ def _problems(excinfo: pytest.ExceptionInfo) -> list[tuple[str, int | None, str,
 
 
 def test_verify_build_passes_on_a_real_build(build: Path) -> None:
-    assert verify_build(build, progress=False) == [0, 1, 2]
-    assert verify_build(build, check_hash=False, progress=False) == [0, 1, 2]
-    assert verify_build(build, stages=("pairs", "text_emb"), progress=False) == [0, 1, 2]
+    assert verify_build(build, show_progress=False) == [0, 1, 2]
+    assert verify_build(build, check_hash=False, show_progress=False) == [0, 1, 2]
+    assert verify_build(build, stages=("pairs", "text_emb"), show_progress=False) == [0, 1, 2]
 
 
 def test_refuses_text_emb_rows_in_another_order(copy: Path) -> None:
@@ -90,7 +90,7 @@ def test_refuses_text_emb_rows_in_another_order(copy: Path) -> None:
     atomic_write_json(sidecar_path(arrow), {**side, "bytes": size, "sha256": digest})
     assert verify_shard(arrow) is None  # the sidecar is right about the new bytes: only keys can tell
     with pytest.raises(BuildError) as e:
-        verify_build(copy, progress=False)
+        verify_build(copy, show_progress=False)
     (stage, shard, what, fix), = _problems(e)
     assert (stage, shard) == ("text_emb", 1)
     assert "keys differ" in what and "another order" in what
@@ -106,9 +106,9 @@ def test_refuses_damaged_bytes(copy: Path) -> None:
     assert at > 10
     data[at] ^= 0xFF
     arrow.write_bytes(bytes(data))  # same size: only the hash can tell
-    assert verify_build(copy, check_hash=False, progress=False) == [0, 1, 2]  # the quick check reads no bytes
+    assert verify_build(copy, check_hash=False, show_progress=False) == [0, 1, 2]  # the quick check reads no bytes
     with pytest.raises(BuildError) as e:
-        verify_build(copy, progress=False)
+        verify_build(copy, show_progress=False)
     (stage, shard, what, fix), = _problems(e)
     assert (stage, shard) == ("pairs", 2) and "sha256" in what and "jobs/degrade.py" in fix
 
@@ -118,21 +118,21 @@ def test_refuses_missing_and_unfinished_shards(copy: Path) -> None:
     sidecar_path(shard_path(copy, "captions", 1)).unlink()
     sidecar_path(shard_path(copy, "text_emb", 0)).unlink()  # a shard whose job was killed before its sidecar
     with pytest.raises(BuildError) as e:
-        verify_build(copy, check_hash=False, progress=False)
+        verify_build(copy, check_hash=False, show_progress=False)
     found = {(stage, shard): (what, fix) for stage, shard, what, fix in _problems(e)}
     assert set(found) == {("captions", 1), ("text_emb", 0)}
     assert "missing" in found["captions", 1][0]
     assert "jobs/caption.py" in found["captions", 1][1] and "--shard 1" in found["captions", 1][1]
     assert "sidecar" in found["text_emb", 0][0] and "jobs/embed.py" in found["text_emb", 0][1]
     # A stage left out of the check is not required.
-    assert verify_build(copy, stages=("pairs",), progress=False) == [0, 1, 2]
+    assert verify_build(copy, stages=("pairs",), show_progress=False) == [0, 1, 2]
 
 
 def test_refuses_stale_downstream_shard(copy: Path) -> None:
     side = read_sidecar(shard_path(copy, "captions", 0))
     atomic_write_json(sidecar_path(shard_path(copy, "captions", 0)), {**side, "pairs_sha256": "0" * 64})
     with pytest.raises(BuildError) as e:
-        verify_build(copy, check_hash=False, progress=False)
+        verify_build(copy, check_hash=False, show_progress=False)
     (stage, shard, what, fix), = _problems(e)
     assert (stage, shard) == ("captions", 0) and "older pairs" in what and "jobs/caption.py" in fix
 
@@ -140,7 +140,7 @@ def test_refuses_stale_downstream_shard(copy: Path) -> None:
 def test_refuses_missing_empty_prompt(copy: Path) -> None:
     (copy / "text_emb" / "empty_prompt.safetensors").unlink()
     with pytest.raises(BuildError) as e:
-        verify_build(copy, check_hash=False, progress=False)
+        verify_build(copy, check_hash=False, show_progress=False)
     (stage, shard, what, fix), = _problems(e)
     assert stage == "text_emb" and shard is None and "empty_prompt" in what and "jobs/embed.py" in fix
 
@@ -315,9 +315,10 @@ def _batches(loader, limit: int) -> list[dict]:
     return list(itertools.islice(loader, limit))
 
 
-def test_loader_workers_give_the_same_batches_as_in_process(build: Path) -> None:
-    inproc = _batches(make_loader(build, 3, seed=5, num_workers=0, max_batches=8), 100)
-    loader = make_loader(build, 3, seed=5, num_workers=2, max_batches=8)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_loader_workers_give_the_same_batches_as_in_process(build: Path, dtype: torch.dtype) -> None:
+    inproc = _batches(make_loader(build, 3, seed=5, num_workers=0, max_batches=8, image_dtype=dtype), 100)
+    loader = make_loader(build, 3, seed=5, num_workers=2, max_batches=8, image_dtype=dtype)
     assert loader.num_workers == 2 and loader.persistent_workers
     workers = _batches(loader, 100)
     assert len(inproc) == len(workers) == 8  # 12 rows, batch 3: two epochs of 4 batches
@@ -330,7 +331,8 @@ def test_loader_workers_give_the_same_batches_as_in_process(build: Path) -> None
     assert {k for b in inproc[:4] for k in b["keys"]} == {k for b in inproc[4:] for k in b["keys"]}  # all 12 rows
     assert [b["keys"] for b in inproc[:4]] != [b["keys"] for b in inproc[4:]]  # reshuffled per epoch
     # A run resumed after 5 batches continues with batch 6, null-text draws included.
-    resumed = make_loader(build, 3, seed=5, num_workers=2, max_batches=8, start_batch=5)
+    assert all(b["hq"].dtype == dtype for b in workers)
+    resumed = make_loader(build, 3, seed=5, num_workers=2, max_batches=8, start_batch=5, image_dtype=dtype)
     tail = _batches(resumed, 100)
     assert [b["keys"] for b in tail] == [b["keys"] for b in inproc[5:]]
     assert all(torch.equal(a["text"], b["text"]) for a, b in zip(tail, inproc[5:]))
@@ -354,6 +356,7 @@ def test_make_loader_defaults(build: Path) -> None:
     assert loader.num_workers == default_num_workers() >= 1  # never 0 by default
     assert isinstance(loader.sampler, EpochSampler) and loader.persistent_workers
     assert loader.drop_last and loader.pin_memory == torch.cuda.is_available()
+    assert loader.dataset.image_dtype == torch.float32  # the item format; uint8 is opt-in
 
 
 def test_collate_pads_with_empty_prompt_chunks(build: Path) -> None:
@@ -398,7 +401,7 @@ def test_batch_fetch_equals_items_and_is_not_copied_again(build: Path) -> None:
 def test_uint8_images_convert_to_exactly_the_float_batch(build: Path) -> None:
     from model.data import images_to_float
 
-    floats = _batches(make_loader(build, 4, seed=8, num_workers=0, max_batches=3), 10)
+    floats = _batches(make_loader(build, 4, seed=8, num_workers=0, max_batches=3), 10)  # float32 by default
     raw = _batches(make_loader(build, 4, seed=8, num_workers=2, max_batches=3, image_dtype=torch.uint8), 10)
     assert len(floats) == len(raw) == 3
     for f, r in zip(floats, raw):
@@ -414,6 +417,6 @@ def test_uint8_images_convert_to_exactly_the_float_batch(build: Path) -> None:
 def test_refuses_a_stage_never_run_with_one_line(copy: Path) -> None:
     shutil.rmtree(copy / "captions")
     with pytest.raises(BuildError) as e:
-        verify_build(copy, check_hash=False, progress=False)
+        verify_build(copy, check_hash=False, show_progress=False)
     (stage, shard, what, fix), = _problems(e)
     assert (stage, shard) == ("captions", None) and "not built" in what and "jobs/caption.py" in fix and "--all" in fix
