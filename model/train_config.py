@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pipeline.settings import Settings
+
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     image_encoder: str = "vit_large_patch14_clip_224.openai"
     batch_size: int = 32  # global: micro_batch_size × gradient accumulation × processes
@@ -38,12 +40,7 @@ class TrainConfig:
     processor: dict = dataclasses.field(default_factory=dict)
     refine: dict = dataclasses.field(default_factory=dict)
 
-    VARIABLE_LENGTH = frozenset()
 
-    def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ValueError("; ".join(problems))
 
     def problems(self) -> list[str]:
         out = []
@@ -70,9 +67,3 @@ class TrainConfig:
                              f"= {self.micro_batch_size} × {processes}; change train.micro_batch_size")
         return self.batch_size // per_step
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(**d)

@@ -8,9 +8,9 @@ string (the vLLM server does so through the model's chat template).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any
+
+from pipeline.settings import Settings
 
 ENGINES = ("vllm", "server", "transformers")
 LLAVA_PROMPT = "USER: <image>\n{instruction} ASSISTANT:"
@@ -20,7 +20,7 @@ DEFAULT_INSTRUCTION = (
 
 
 @dataclasses.dataclass(frozen=True)
-class CaptionConfig:
+class CaptionConfig(Settings):
     engine: str = "vllm"
     model: str = "llava-hf/llava-1.5-7b-hf"
     instruction: str = DEFAULT_INSTRUCTION
@@ -34,12 +34,7 @@ class CaptionConfig:
     batch_size: int = 64
     max_failed_fraction: float = 0.01
 
-    VARIABLE_LENGTH = frozenset()
 
-    def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ValueError("; ".join(problems))
 
     def problems(self) -> list[str]:
         out = []
@@ -69,10 +64,3 @@ class CaptionConfig:
         """What changes a caption; the engine and its transport settings do not."""
         return {"model": self.model, "prompt": self.prompt(), "sampling": self.sampling()}
 
-    def hash(self) -> str:
-        blob = json.dumps(self.output_affecting(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CaptionConfig":
-        return cls(**d)

@@ -138,6 +138,35 @@ def to_rgb(image: Any) -> Image.Image:
 def _bad_image(exc: BaseException) -> CaptionResult:
     return CaptionResult(error=f"bad image: {type(exc).__name__}: {exc}")
 
+def caption_in_batches(images: list[Any], batch_size: int,
+                       generate: Callable[[list[Image.Image]], list[CaptionResult]], failure: str,
+                       progress: Progress = None) -> list[CaptionResult]:
+    """Batched generation for the in-process engines. An unreadable image fails alone;
+    a batch that fails as a whole (one image the model rejects) is retried image by image
+    so the failure lands on the image that caused it."""
+    results: list[CaptionResult | None] = [None] * len(images)
+    for batch in _batches(len(images), batch_size):
+        good: list[tuple[int, Image.Image]] = []
+        for i in batch:
+            try:
+                good.append((i, to_rgb(images[i])))
+            except Exception as exc:  # noqa: BLE001 — any unreadable input is that row's failure
+                results[i] = _bad_image(exc)
+        try:
+            outs = generate([im for _, im in good]) if good else []
+        except Exception:  # noqa: BLE001 — isolate the image that broke the batch
+            outs = []
+            for _, im in good:
+                try:
+                    outs += generate([im])
+                except Exception as exc:  # noqa: BLE001
+                    outs.append(CaptionResult(error=f"{failure}: {type(exc).__name__}: {exc}"))
+        for (i, _), res in zip(good, outs):
+            results[i] = res
+        if progress:
+            progress(len(batch))
+    return results  # type: ignore[return-value]
+
 
 def _finish(text: str) -> CaptionResult:
     text = text.strip()
@@ -200,28 +229,7 @@ class TransformersEngine:
         return [_finish(t) for t in self.processor.batch_decode(new, skip_special_tokens=True)]
 
     def caption(self, images: list[Image.Image], progress: Progress = None) -> list[CaptionResult]:
-        results: list[CaptionResult | None] = [None] * len(images)
-        for batch in _batches(len(images), self.cfg.batch_size):
-            good: list[tuple[int, Image.Image]] = []
-            for i in batch:
-                try:
-                    good.append((i, to_rgb(images[i])))
-                except Exception as exc:  # noqa: BLE001 — any unreadable input is that row's failure
-                    results[i] = _bad_image(exc)
-            try:
-                outs = self._generate([im for _, im in good]) if good else []
-            except Exception:  # noqa: BLE001 — isolate the image that broke the batch
-                outs = []
-                for _, im in good:
-                    try:
-                        outs += self._generate([im])
-                    except Exception as exc:  # noqa: BLE001
-                        outs.append(CaptionResult(error=f"generation failed: {type(exc).__name__}: {exc}"))
-            for (i, _), res in zip(good, outs):
-                results[i] = res
-            if progress:
-                progress(len(batch))
-        return results  # type: ignore[return-value]
+        return caption_in_batches(images, self.cfg.batch_size, self._generate, "generation failed", progress)
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
@@ -271,28 +279,7 @@ class VllmEngine:
         return [_finish(o.outputs[0].text) for o in outputs]
 
     def caption(self, images: list[Image.Image], progress: Progress = None) -> list[CaptionResult]:
-        results: list[CaptionResult | None] = [None] * len(images)
-        for batch in _batches(len(images), self.cfg.batch_size):
-            good: list[tuple[int, Image.Image]] = []
-            for i in batch:
-                try:
-                    good.append((i, to_rgb(images[i])))
-                except Exception as exc:  # noqa: BLE001
-                    results[i] = _bad_image(exc)
-            try:
-                outs = self._generate([im for _, im in good]) if good else []
-            except Exception:  # noqa: BLE001 — a rejected request fails the whole call: isolate it
-                outs = []
-                for _, im in good:
-                    try:
-                        outs += self._generate([im])
-                    except Exception as exc:  # noqa: BLE001
-                        outs.append(CaptionResult(error=f"vLLM generate failed: {type(exc).__name__}: {exc}"))
-            for (i, _), res in zip(good, outs):
-                results[i] = res
-            if progress:
-                progress(len(batch))
-        return results  # type: ignore[return-value]
+        return caption_in_batches(images, self.cfg.batch_size, self._generate, "vLLM generate failed", progress)
 
     def close(self) -> None:
         self._llm = None

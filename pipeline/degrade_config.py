@@ -9,9 +9,9 @@ live here too because they belong to the same manifest section.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any
+
+from pipeline.settings import Settings
 
 GAUSSIAN_FAMILY = (
     "iso",
@@ -25,7 +25,7 @@ RESIZE_MODES = ("area", "bilinear", "bicubic")
 
 
 @dataclasses.dataclass(frozen=True)
-class DegradeConfig:
+class DegradeConfig(Settings):
     # --- job-level ---
     gt_size: int = 512
     scale: int = 4
@@ -77,17 +77,11 @@ class DegradeConfig:
     # Lists whose length the manifest may choose (the others have a fixed arity).
     VARIABLE_LENGTH = frozenset({"kernel_list", "kernel_list2", "kernel_prob", "kernel_prob2", "resize_modes"})
 
-    def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ValueError("; ".join(problems))
-
     @property
     def lq_size(self) -> int:
         return self.gt_size // self.scale
 
     def problems(self) -> list[str]:
-        """Semantic checks a type check cannot make; each names the key at fault."""
         out: list[str] = []
         if self.gt_size <= 0 or self.scale <= 0 or self.gt_size % self.scale:
             out.append(f"gt_size ({self.gt_size}) must be a positive multiple of scale ({self.scale})")
@@ -138,17 +132,7 @@ class DegradeConfig:
             out.append("png_compress_level must lie in [0, 9]")
         return out
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DegradeConfig":
-        """Build from a JSON mapping; lists become tuples (the dataclass is hashable)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)  # the manifest loader names them first; this guards direct use
-        if unknown:
-            raise KeyError(f"unknown degrade keys {unknown}")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
     def output_affecting(self) -> dict[str, Any]:
         """Settings that change the bytes of a pair (job-level knobs excluded)."""
@@ -157,6 +141,3 @@ class DegradeConfig:
             d.pop(k)
         return d
 
-    def hash(self) -> str:
-        blob = json.dumps(self.output_affecting(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]

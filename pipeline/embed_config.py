@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any
+
+from pipeline.settings import Settings
 
 
 @dataclasses.dataclass(frozen=True)
-class EmbedConfig:
+class EmbedConfig(Settings):
     # An SD1.5 directory or hub id: its tokenizer/ and text_encoder/ are used.
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     max_chunks: int = 4
     batch_size: int = 64
     device: str = "auto"
 
-    VARIABLE_LENGTH = frozenset()
 
-    def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ValueError("; ".join(problems))
 
     def problems(self) -> list[str]:
         out = []
@@ -36,10 +31,3 @@ class EmbedConfig:
     def output_affecting(self) -> dict[str, Any]:
         return {"model": self.model, "max_chunks": self.max_chunks, "chunk": 75, "dtype": "float16"}
 
-    def hash(self) -> str:
-        blob = json.dumps(self.output_affecting(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EmbedConfig":
-        return cls(**d)
