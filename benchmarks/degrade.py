@@ -178,7 +178,8 @@ def bench_basicsr(rows: list[Any], ours: OursResult, seed: int = 0) -> dict[str,
         pipe = BasicSRPipeline(seed)
     except BasicSRMissing as e:
         print(f"\n*** {e}\n", file=sys.stderr)
-        return {"available": False, "reason": str(e).splitlines()[0]}
+        return {"available": False, "reason": "BasicSR is not installed; run `.venv/bin/python -m pip install "
+                                              "--no-deps basicsr==1.4.2` (or `make bench`)"}
     torch = pipe.b.torch
     torch.set_num_threads(1)
     cv2.setNumThreads(1)

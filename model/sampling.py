@@ -1,16 +1,28 @@
 """Restoration sampling: LRE start, classifier-free guidance, a diffusers scheduler.
 
 LRE (as SeeSR): instead of pure noise, start from the LQ latent noised to the first
-timestep (t = 999), which carries the LQ's low frequencies into the result. The
-unconditional branch drops the text (the empty prompt), as the authors do; the
-structure and image priors stay on in both branches.
+timestep (t = 999 with a "trailing" schedule, as model/restore.py uses), which carries
+the LQ's low frequencies into the result. The unconditional branch drops the text (the
+empty prompt), as the authors do; the structure and image priors stay on in both
+branches.
+
+The loop is split into pieces so that model/restore.py can swap how the noise is
+predicted (tiles blended in latent space) without a second copy of the loop:
+`restore(..., predictor=...)` takes a factory that returns `predict(latents, t) -> ε`;
+the default predicts on the whole latent at once.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (model, text, uncond, lq, lq_up, guidance) -> predict(latents, t)
+Predictor = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], Predict]
+# (step index, timestep, latents before that step); step 0 sees the LRE start
+OnStep = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def lre_start(model: Any, scheduler: Any, lq_up: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -21,27 +33,58 @@ def lre_start(model: Any, scheduler: Any, lq_up: torch.Tensor, generator: torch.
     return scheduler.add_noise(latents, noise, t)
 
 
-@torch.no_grad()
-def restore(model: Any, scheduler: Any, lq: torch.Tensor, lq_up: torch.Tensor, text: torch.Tensor,
-            empty: torch.Tensor, steps: int = 50, guidance: float = 7.5, seed: int = 0) -> torch.Tensor:
-    """Restore a batch: lq (B, 3, h, w) in [0, 1], lq_up (B, 3, H, W) in [-1, 1], text (B, L, D),
-    empty (77, D) → images (B, 3, H, W) in [-1, 1]."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    scheduler.set_timesteps(steps)
-    latents = lre_start(model, scheduler, lq_up, generator)
+def uncond_like(empty: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The empty prompt (77, D) batched like `text` (B, 77·k, D): repeated k times, so both
+    CFG branches have the same sequence length and can share one forward pass."""
     uncond = empty.to(text).unsqueeze(0).expand(text.shape[0], -1, -1)
     if uncond.shape[1] < text.shape[1]:  # pad the empty prompt to the caption's chunk count
         reps = text.shape[1] // uncond.shape[1]
         uncond = uncond.repeat(1, reps, 1)
-    for t in scheduler.timesteps:
-        tt = t.repeat(latents.shape[0]).to(latents.device)
-        if guidance != 1.0:
-            both = torch.cat([latents, latents])
-            pred = model(both, torch.cat([tt, tt]), torch.cat([uncond, text]),
-                         torch.cat([lq, lq]), torch.cat([lq_up, lq_up]))[0]
-            p_uncond, p_text = pred.chunk(2)
-            pred = p_uncond + guidance * (p_text - p_uncond)
-        else:
-            pred = model(latents, tt, text, lq, lq_up)[0]
-        latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
+    return uncond
+
+
+def guided_noise(model: Any, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
+                 lq: torch.Tensor, lq_up: torch.Tensor, guidance: float) -> torch.Tensor:
+    """ε̂ with classifier-free guidance: both branches in one batch, priors on in both."""
+    tt = t.repeat(latents.shape[0]).to(latents.device)
+    if guidance == 1.0:
+        return model(latents, tt, text, lq, lq_up)[0]
+    both = torch.cat([latents, latents])
+    pred = model(both, torch.cat([tt, tt]), torch.cat([uncond, text]),
+                 torch.cat([lq, lq]), torch.cat([lq_up, lq_up]))[0]
+    p_uncond, p_text = pred.chunk(2)
+    return p_uncond + guidance * (p_text - p_uncond)
+
+
+def whole_image(model: Any, text: torch.Tensor, uncond: torch.Tensor, lq: torch.Tensor, lq_up: torch.Tensor,
+                guidance: float) -> Predict:
+    """The default predictor: the model sees the whole latent."""
+    return lambda latents, t: guided_noise(model, latents, t, text, uncond, lq, lq_up, guidance)
+
+
+def denoise(scheduler: Any, latents: torch.Tensor, predict: Predict, generator: torch.Generator,
+            on_step: OnStep | None = None) -> torch.Tensor:
+    """Run the scheduler's timesteps from `latents`; `on_step` sees the latents before each step."""
+    for i, t in enumerate(scheduler.timesteps):
+        if on_step is not None:
+            on_step(i, t, latents)
+        latents = scheduler.step(predict(latents, t), t, latents, generator=generator).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def restore(model: Any, scheduler: Any, lq: torch.Tensor, lq_up: torch.Tensor, text: torch.Tensor,
+            empty: torch.Tensor, steps: int = 50, guidance: float = 7.5, seed: int = 0, *,
+            predictor: Predictor = whole_image, on_step: OnStep | None = None) -> torch.Tensor:
+    """Restore a batch: lq (B, 3, h, w) in [0, 1], lq_up (B, 3, H, W) in [-1, 1], text (B, L, D),
+    empty (77, D) → images (B, 3, H, W) in [-1, 1].
+
+    All random draws (the LRE noise, the scheduler's noise) come from one generator seeded
+    with `seed` and drawn at full latent size, so the result does not depend on how the
+    predictor splits the work."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    scheduler.set_timesteps(steps)
+    latents = lre_start(model, scheduler, lq_up, generator)
+    predict = predictor(model, text, uncond_like(empty, text), lq, lq_up, guidance)
+    latents = denoise(scheduler, latents, predict, generator, on_step)
     return model.vae.decode(latents / model.vae.config.scaling_factor).sample.clamp(-1, 1)

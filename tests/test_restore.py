@@ -1,0 +1,227 @@
+"""Restoration (model/restore.py) with a checkpoint of the tiny SD1.5-shaped model on the CPU.
+
+The checkpoint is what the trainer writes (trainable/ + trainer_state.json in
+checkpoints/step-NNNNNNNN/), with the zero-initialised layers given random values so the
+structure and image priors really change the output. Nothing of ours is mocked: the text
+embedding the sampler uses is observed with a forward pre-hook on the model, the LRE start
+with the sampler's own per-step callback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.restore import (RestoreSettings, Restorer, adain_color_fix, blend_weights, lq_tensors, main,
+                           make_caption_engine, make_scheduler, plan_tiles, wavelet_color_fix)
+from model.train_config import TrainConfig
+
+TINY_PROCESSOR = {"stem_channels": 8, "channels": [8, 16, 16]}
+FAST = RestoreSettings(steps=2)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Path:
+    """A training run folder holding one checkpoint, written the way model/trainer.py writes it."""
+    from model.sspir import SSPIR
+
+    sd = tiny_models["sd15"]
+    torch.manual_seed(0)
+    model = SSPIR.from_pretrained(str(sd), str(sd / "image_encoder"), processor_kwargs=TINY_PROCESSOR)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # what training would do to the zero-initialised layers
+        for p in model.trainable.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    run = tmp_path_factory.mktemp("restore") / "run"
+    ckpt = run / "checkpoints" / "step-00000007"
+    model.save_trainable(ckpt / "trainable")
+    cfg = TrainConfig(pretrained=str(sd), image_encoder=str(sd / "image_encoder"), processor=TINY_PROCESSOR)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 7, "seed": 0, "config": cfg.to_dict()}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def restorer(run_dir: Path) -> Restorer:
+    return Restorer(run_dir, device="cpu")
+
+
+def photo(photo_dir: Path, name: str, size: tuple[int, int]) -> np.ndarray:
+    """A real photo area-downscaled to (w, h): an LQ image with real content."""
+    rgb = np.asarray(Image.open(photo_dir / name).convert("RGB"))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def lq128(photo_dir: Path) -> np.ndarray:
+    return photo(photo_dir, "astronaut.png", (128, 128))
+
+
+@pytest.fixture(scope="module")
+def base(restorer: Restorer, lq128: np.ndarray):
+    return restorer.restore(lq128, "an astronaut", FAST)
+
+
+def test_checkpoint_and_models_come_from_the_run(restorer: Restorer, run_dir: Path,
+                                                 tiny_models: dict[str, Path]) -> None:
+    assert restorer.checkpoint == run_dir / "checkpoints" / "step-00000007"
+    assert restorer.step == 7 and restorer.sd == str(tiny_models["sd15"])
+    assert restorer.multiple == 16  # LQ pixels: latent grid halved three times by the UNet
+
+
+def test_128_gives_512_and_the_same_seed_the_same_output(restorer: Restorer, lq128: np.ndarray, base) -> None:
+    assert base.image.shape == (512, 512, 3) and base.image.dtype == np.uint8 and base.tiles == 1
+    assert base.image.std() > 5  # not a flat image
+    again = restorer.restore(lq128, "an astronaut", FAST)
+    np.testing.assert_array_equal(again.image, base.image)
+    other = restorer.restore(lq128, "an astronaut", RestoreSettings(steps=2, seed=1))
+    assert np.abs(other.image.astype(int) - base.image).mean() > 1
+
+
+def test_one_tile_equals_the_untiled_sampler(restorer: Restorer, lq128: np.ndarray, base) -> None:
+    """128² LQ with --tile 128 runs the tiled machinery with one tile; it must give exactly
+    what --tile 0 and a direct call of model.sampling.restore give."""
+    from model.sampling import restore as sample
+    from model.validation_grid import to_uint8
+
+    untiled = restorer.restore(lq128, "an astronaut", RestoreSettings(steps=2, tile=0))
+    np.testing.assert_array_equal(untiled.image, base.image)
+    lq, lq_up = lq_tensors(lq128, "cpu")
+    sched = make_scheduler(restorer.model.noise_scheduler.config, "ddpm")
+    direct = sample(restorer.model, sched, lq, lq_up, restorer.embed("an astronaut")[None], restorer.empty,
+                    steps=2, guidance=7.5, seed=0)
+    np.testing.assert_array_equal(to_uint8(direct[0]), base.image)
+
+
+def test_tiles_cover_the_grid_with_convex_weights() -> None:
+    tiles = plan_tiles(152, 104, 64, 16)  # 300×200 LQ padded to 304×208 → latent 152×104
+    assert [(y, x) for y, x, _, _ in tiles] == [(y, x) for y in (0, 48, 88) for x in (0, 40)]
+    total = torch.zeros(1, 1, 152, 104)
+    for (y, x, h, w), wt in zip(tiles, blend_weights(tiles, 152, 104)):
+        total[..., y:y + h, x:x + w] += wt
+    torch.testing.assert_close(total, torch.ones_like(total))
+    (one,) = blend_weights(plan_tiles(64, 64, 64, 16), 64, 64)
+    assert bool((one == 1).all())  # exactly: a single tile is the untiled prediction bit for bit
+
+
+def test_300x200_restores_to_1200x800_in_tiles(restorer: Restorer, photo_dir: Path) -> None:
+    """The model only ever sees tiles (latent 64², LQ 128², LQ↑ 512²), six per step."""
+    lq = photo(photo_dir, "chelsea.png", (300, 200))
+    shapes: list[tuple] = []
+    hook = restorer.model.register_forward_pre_hook(
+        lambda mod, args: shapes.append(tuple(tuple(a.shape[-2:]) for a in (args[0], args[3], args[4]))))
+    try:
+        res = restorer.restore(lq, "a cat", RestoreSettings(steps=2, tile=128, tile_overlap=32))
+    finally:
+        hook.remove()
+    assert res.image.shape == (800, 1200, 3) and res.tiles == 6
+    assert len(shapes) == 2 * 6 and set(shapes) == {((64, 64), (128, 128), (512, 512))}
+    assert res.image.std() > 5 and len(np.unique(res.image.reshape(-1, 3), axis=0)) > 1000
+
+
+def _captured_text(restorer: Restorer, lq: np.ndarray, prompt: str) -> torch.Tensor:
+    """The text_hidden the model is actually called with (the conditional CFG half)."""
+    seen: list[torch.Tensor] = []
+    hook = restorer.model.register_forward_pre_hook(lambda mod, args: seen.append(args[2].clone()))
+    try:
+        restorer.restore(lq, prompt, RestoreSettings(steps=1))
+    finally:
+        hook.remove()
+    return seen[0].chunk(2)[1][0]
+
+
+def test_prompt_reaches_the_text_encoder(restorer: Restorer, photo_dir: Path, tiny_models: dict[str, Path]) -> None:
+    from pipeline.text_embed import encode_captions, load_text_encoder
+
+    lq = photo(photo_dir, "rocket.jpg", (64, 64))
+    engine = make_caption_engine("transformers", str(tiny_models["llava"]), None, 8)
+    try:
+        (caption,) = [r.caption for r in engine.caption([Image.fromarray(lq)])]
+    finally:
+        engine.close()
+    assert caption
+    prompt = "a red sports car on a wet road at night"
+    used_prompt = _captured_text(restorer, lq, prompt)
+    used_caption = _captured_text(restorer, lq, caption)
+    tok, enc = load_text_encoder(str(tiny_models["sd15"]), "cpu")  # the embed stage's code, loaded afresh
+    expected = torch.from_numpy(encode_captions(tok, enc, [prompt], 4, 1)[0].hidden).float()
+    torch.testing.assert_close(used_prompt, expected, rtol=0, atol=0)
+    assert used_prompt.shape == used_caption.shape == (77, 32)
+    assert (used_prompt - used_caption).abs().max() > 0.1
+
+
+def test_lre_start_is_the_lq_latent_noised_to_999(restorer: Restorer, photo_dir: Path,
+                                                  tiny_models: dict[str, Path]) -> None:
+    from diffusers import DDPMScheduler
+
+    lq = photo(photo_dir, "camera.png", (64, 64))
+    for kind, tol in (("ddpm", 0.0), ("dpm", 1e-5)):
+        seen: list[tuple[int, torch.Tensor]] = []
+        restorer.restore(lq, "x", RestoreSettings(steps=1, seed=5, scheduler=kind),
+                         on_step=lambda i, t, z: seen.append((int(t), z.clone())))
+        lq_up = torch.from_numpy(cv2.resize(lq, (256, 256), interpolation=cv2.INTER_CUBIC)).permute(2, 0, 1)[None]
+        latent = restorer.model.encode_images(lq_up.float() / 127.5 - 1, sample=False)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+        sd_sched = DDPMScheduler.from_pretrained(str(tiny_models["sd15"]), subfolder="scheduler")
+        expected = sd_sched.add_noise(latent, noise, torch.tensor([999]))
+        assert seen[0][0] == 999
+        torch.testing.assert_close(seen[0][1], expected, rtol=0, atol=tol + 1e-6)
+
+
+def test_color_fixes() -> None:
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    ref = torch.rand(1, 3, 64, 64, generator=g) * 0.5
+    fixed = adain_color_fix(img, ref)
+    torch.testing.assert_close(fixed.mean((2, 3)), ref.mean((2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fixed.std((2, 3)), ref.std((2, 3)), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(wavelet_color_fix(img, img), img, atol=1e-5, rtol=0)  # identity on itself
+    smooth = torch.full_like(img, 0.3)  # a flat reference: its low band is 0.3, the detail stays the image's
+    wav = wavelet_color_fix(img, smooth)
+    torch.testing.assert_close(wav.mean(), torch.tensor(0.3), atol=0.02, rtol=0)
+    assert (wav - img).std() < (img - img.mean()).std()
+
+
+def test_cli_folder_reports_bad_files_and_restores_the_rest(run_dir: Path, photo_dir: Path, tmp_path: Path,
+                                                            tiny_models: dict[str, Path], capsys) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(photo(photo_dir, "astronaut.png", (64, 64))).save(src / "a.png")
+    Image.fromarray(photo(photo_dir, "chelsea.png", (80, 48))).save(src / "b.jpg", quality=90)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    (src / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", str(run_dir), "--input", str(src), "--out", str(out), "--steps", "2",
+               "--caption-model", str(tiny_models["llava"]), "--caption-max-tokens", "8", "--color-fix", "adain"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "broken.png" in err and "empty.jpg" in err and "empty file" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    with Image.open(out / "b.png") as im:
+        assert im.size == (320, 192)
+        meta = json.loads(im.text["sspir"])
+        assert im.text["prompt"] and meta["prompt_source"] == "caption"
+        assert meta["steps"] == 2 and meta["color_fix"] == "adain" and meta["step"] == 7
+
+    rc = main(["--checkpoint", str(run_dir / "checkpoints" / "step-00000007"), "--input", str(src / "a.png"),
+               "--out", str(out), "--steps", "1", "--prompt", "a portrait, sharp and clean"])
+    assert rc == 0
+    with Image.open(out / "a.png") as im:
+        assert im.size == (256, 256) and im.text["prompt"] == "a portrait, sharp and clean"
+        assert json.loads(im.text["sspir"])["prompt_source"] == "user"
+
+
+def test_cli_refuses_bad_setup(tmp_path: Path, capsys) -> None:
+    (tmp_path / "x.png").write_bytes(b"")
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--input", str(tmp_path), "--out",
+                 str(tmp_path / "o"), "--prompt", "p"]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--prompt", "p", "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
