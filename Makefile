@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean-demo
+.PHONY: venv test demo bench iqa clean-demo
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/embed.py
 	$(PY) benchmarks/train_loader.py
 	$(PY) benchmarks/train.py
+
+# Learned metrics for model/evaluate.py (LPIPS, DISTS, NIQE, MANIQA, MUSIQ, CLIPIQA, FID):
+# pyiqa without its declared dependencies (they pull a second OpenCV build); weights must
+# be put in place by hand where there is no internet (docs/evaluation.md).
+iqa: $(STAMP)
+	$(PY) -m pip install -q addict==2.4.0 einops==0.8.2 'setuptools<82'
+	$(PY) -m pip install -q --no-deps pyiqa==0.1.16 openai-clip==1.0.1
 
 clean-demo:
 	rm -rf out/demo

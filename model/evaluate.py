@@ -79,8 +79,9 @@ class WeightFile:
     def path(self) -> Path:
         if self.where == "hf":
             return hf_cache_dir() / ("models--" + self.name.replace("/", "--"))
-        sub = {"pyiqa": "pyiqa", "torchvision": "checkpoints", "clip": "clip"}[self.where]
-        return torch_hub_dir() / sub / self.name
+        if self.where == "pyiqa":
+            return pyiqa_cache_dir() / self.name
+        return torch_hub_dir() / {"torchvision": "checkpoints", "clip": "clip"}[self.where] / self.name
 
     def present(self) -> bool:
         p = self.path()
@@ -150,6 +151,14 @@ def torch_hub_dir() -> Path:
     import torch.hub
 
     return Path(torch.hub.get_dir())
+
+
+def pyiqa_cache_dir() -> Path:
+    """pyiqa's DEFAULT_CACHE_DIR: <torch hub>/pyiqa, fixed when pyiqa is imported."""
+    util = sys.modules.get("pyiqa.utils.download_util")
+    if util is not None and getattr(util, "DEFAULT_CACHE_DIR", None):
+        return Path(util.DEFAULT_CACHE_DIR)
+    return torch_hub_dir() / "pyiqa"
 
 
 def hf_cache_dir() -> Path:
@@ -430,17 +439,33 @@ def _weight_reason(spec: MetricSpec, wanted: MissingWeight | None, detail: str =
     return f"weight file missing: {path or wanted.url}\n" + _how_to_provide(missing)
 
 
+# pyiqa's CLIP metrics import OpenAI's `clip` package, which imports pkg_resources: gone
+# from setuptools 82 on. Installing pyiqa with --no-deps (see docs/evaluation.md) leaves
+# these to install by hand.
+_PACKAGE_HINTS = {
+    "clip": " (pip install openai-clip==1.0.1 ftfy)",
+    "ftfy": " (pip install ftfy; openai-clip needs it)",
+    "pkg_resources": " (openai-clip imports it; it left setuptools in version 82: pip install 'setuptools<82')",
+    "jaraco": " (a broken setuptools; pip install --force-reinstall 'setuptools<82')",
+    "addict": " (pip install addict; pyiqa needs it)",
+    "einops": " (pip install einops; pyiqa needs it)",
+}
+
+
 def _build_guarded(spec: MetricSpec, download: bool, build: Callable[[], Any]) -> Any:
     """Run `build` with downloads refused (unless `download`), turning every way it can
     fail for want of a package or a file into NotComputed with a reason a person can act on."""
     try:
-        with _quiet(), (contextlib.nullcontext() if download else no_downloads()):
+        with contextlib.ExitStack() as stack:
+            if not download:  # quiet only then: a real download should show its progress
+                stack.enter_context(_quiet())
+                stack.enter_context(no_downloads())
             return build()
     except MissingWeight as e:
         raise NotComputed(_weight_reason(spec, e)) from None
     except ImportError as e:
         pkg = getattr(e, "name", None) or str(e)
-        hint = " (pip install openai-clip; it comes with `pip install pyiqa`)" if pkg == "clip" else ""
+        hint = _PACKAGE_HINTS.get(pkg.split(".")[0], "")
         raise NotComputed(f"a Python package it needs is missing: {pkg}{hint}") from None
     except NotComputed:
         raise
@@ -455,10 +480,18 @@ def build_pyiqa_metric(spec: MetricSpec, device: str, download: bool, name: str 
     try:
         import pyiqa
     except ImportError as e:
+        if getattr(e, "name", None) not in (None, "pyiqa"):  # pyiqa is there, one of its imports is not
+            hint = _PACKAGE_HINTS.get(e.name.split(".")[0], "")
+            raise NotComputed(f"pyiqa cannot be imported: a package it needs is missing: {e.name}{hint}") from None
         raise NotComputed(
-            f"the optional package pyiqa is not installed ({e}); install it with "
-            f"`pip install pyiqa=={PYIQA_VERSION}` (the project's iqa extra)") from None
+            f"the optional package pyiqa is not installed ({e}); install it as docs/evaluation.md says: "
+            f"`pip install --no-deps pyiqa=={PYIQA_VERSION} openai-clip==1.0.1` and "
+            f"`pip install addict einops ftfy 'setuptools<82'`") from None
+    except Exception as e:
+        raise NotComputed(f"pyiqa cannot be imported: {type(e).__name__}: {e}") from None
     pyiqa_name = name or spec.pyiqa_name
+    if pyiqa_name != spec.pyiqa_name:  # another variant loads other files: name only what it asks for
+        spec = dataclasses.replace(spec, weights=())
     return _build_guarded(spec, download, lambda: pyiqa.create_metric(pyiqa_name, device=device))
 
 
@@ -504,7 +537,6 @@ class ClipImageSimilarity:
 
 def build_clip_i(ref: str, device: str, download: bool) -> ClipImageSimilarity:
     """CLIP-I from a timm name (weights from the Hugging Face cache) or a local timm folder."""
-    spec = METRICS["clip_i"]
     try:
         from model.image_encoder import resolve_image_encoder
     except ImportError as e:  # pragma: no cover - timm/torch are hard dependencies
@@ -517,8 +549,7 @@ def build_clip_i(ref: str, device: str, download: bool) -> ClipImageSimilarity:
         kwargs.pop("num_classes", None)  # keep CLIP's projection head: CLIP-I compares joint-space embeddings
         return ClipImageSimilarity(timm.create_model(name, pretrained=True, **kwargs), device)
 
-    spec = dataclasses.replace(spec, weights=_timm_weights(ref))
-    return _build_guarded(spec, download, build)
+    return _build_guarded(dataclasses.replace(METRICS["clip_i"], weights=_timm_weights(ref)), download, build)
 
 
 def _timm_weights(ref: str) -> tuple[WeightFile, ...]:
