@@ -24,6 +24,9 @@ demo: $(STAMP)
 	$(PY) jobs/caption.py --manifest manifests/demo.json --all --actors 2
 	$(PY) jobs/embed.py --manifest manifests/demo.json --all
 	$(PY) model/train.py --manifest manifests/demo.json --max-steps 30 --resume
+	$(PY) jobs/degrade.py --manifest manifests/demo_heldout.json
+	$(PY) jobs/export_testset.py --manifest manifests/demo_heldout.json
+	$(PY) jobs/demo_report.py
 
 # Benchmarks compare against BasicSR's own functions; it is installed without its
 # declared dependencies (they pull a second OpenCV build), see docs/benchmarks.md.
