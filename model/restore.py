@@ -537,6 +537,19 @@ def settings_from(args: argparse.Namespace) -> RestoreSettings:
                            tile=args.tile, tile_overlap=args.tile_overlap, color_fix=args.color_fix)
 
 
+def check_models_exist(args: argparse.Namespace) -> None:
+    """The checkpoint and the SD1.5 folder it needs are there (cheap: no weights read)."""
+    from model.sspir import ModelLayoutError, resolve_sd
+
+    sd = args.sd or checkpoint_models(resolve_checkpoint(args.checkpoint))["pretrained"]
+    if not sd:
+        raise RestoreSetupError("the checkpoint records no SD1.5 model; pass --sd")
+    try:
+        resolve_sd(sd)
+    except ModelLayoutError as e:
+        raise RestoreSetupError(f"{e}; pass --sd if it moved") from None
+
+
 def prompts_for(args: argparse.Namespace, inputs: Sequence[Path],
                 failed: dict[Path, str]) -> dict[Path, tuple[str, str]]:
     """(prompt, source) per input: --prompt, or LLaVA's caption (engine closed afterwards,
@@ -602,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = list_inputs(args.input)
         if not inputs:
             raise RestoreSetupError(f"--input {args.input} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        resolve_checkpoint(args.checkpoint)  # fail before captioning, not after
+        check_models_exist(args)  # fail before minutes of captioning, not after
         prompts = prompts_for(args, inputs, failed)
         restorer = Restorer(args.checkpoint, sd=args.sd, image_encoder=args.image_encoder, device=args.device,
                             dtype=args.dtype)

@@ -217,7 +217,7 @@ def test_cli_folder_reports_bad_files_and_restores_the_rest(run_dir: Path, photo
         assert json.loads(im.text["sspir"])["prompt_source"] == "user"
 
 
-def test_cli_refuses_bad_setup(tmp_path: Path, capsys) -> None:
+def test_cli_refuses_bad_setup(run_dir: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "x.png").write_bytes(b"")
     assert main(["--checkpoint", str(tmp_path / "nope"), "--input", str(tmp_path), "--out",
                  str(tmp_path / "o"), "--prompt", "p"]) == 2
@@ -225,3 +225,6 @@ def test_cli_refuses_bad_setup(tmp_path: Path, capsys) -> None:
     assert main(["--checkpoint", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--prompt", "p", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+    assert main(["--checkpoint", str(run_dir), "--input", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--sd", str(tmp_path / "moved-sd")]) == 2  # before any captioning
+    assert "moved-sd" in capsys.readouterr().err
