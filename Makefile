@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/embed.py
 	$(PY) benchmarks/train_loader.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/restore.py
 
 # Learned metrics for model/evaluate.py (LPIPS, DISTS, NIQE, MANIQA, MUSIQ, CLIPIQA, FID):
 # pyiqa without its declared dependencies (they pull a second OpenCV build); weights must

@@ -120,6 +120,7 @@ def page(build: Path, report: Path, names: list[str], caps: dict[str, str], tabl
     rate_rows = "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td></tr>" for a, b in rates)
     cap_rows = "".join(f"<tr><td>{esc(n)}</td><td>{esc(caps.get(n, ''))}</td></tr>" for n in names)
     train_rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(c or '')}</td></tr>" for k, c in train_caps)
+    restored_links = ", ".join(f'<a href="restored/{esc(n)}.png">{esc(n)}</a>' for n in names) or "none"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>SSP-IR demo report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td{{padding:2px 8px;vertical-align:top}}
 img{{max-width:100%}}</style></head><body>
@@ -132,19 +133,45 @@ noise. This page shows that every stage runs end to end: degrade → caption →
 <h2>Captions used for restoration</h2><table>{cap_rows}</table>
 <h2>Some training captions</h2><table>{train_rows}</table>
 <h2>Metrics</h2><pre>{esc(table_md)}</pre>
+<p>The same table as <a href="metrics.md">Markdown</a> and <a href="metrics.json">JSON</a>;
+restored images: {restored_links}.</p>
 <h2>Throughput</h2><table>{rate_rows}</table>
 </body></html>
 """
 
 
+def check_inputs(build: Path, held: Path, caption_model: Path) -> list[str]:
+    """What the earlier demo steps should have left, and is missing (names the step to run)."""
+    problems = []
+    if not (build / "train" / "metrics.jsonl").is_file() or not (build / "train" / "checkpoints").is_dir():
+        problems.append(f"{build / 'train'} has no metrics.jsonl or checkpoints/: train first "
+                        "(model/train.py --manifest manifests/demo.json)")
+    if not any((held / "lq").glob("*.png")) or not (held / "hr").is_dir():
+        problems.append(f"{held} has no lq/*.png and hr/: degrade and export the held-out set first "
+                        "(jobs/degrade.py and jobs/export_testset.py --manifest manifests/demo_heldout.json)")
+    if not (caption_model / "config.json").is_file():
+        problems.append(f"{caption_model} is not a caption model folder (no config.json): "
+                        "build the tiny models first (jobs/build_tiny_models.py)")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--build", type=Path, default=Path("out/demo"))
-    ap.add_argument("--heldout", type=Path, default=Path("out/demo_heldout"))
-    ap.add_argument("--report", type=Path, default=Path("report"))
+    ap.add_argument("--build", type=Path, default=Path("out/demo"), help="the demo build (pairs, captions, train/)")
+    ap.add_argument("--heldout", type=Path, default=Path("out/demo_heldout"),
+                    help="the exported held-out test set (lq/, hr/)")
+    ap.add_argument("--report", type=Path, default=Path("report"), help="where index.html and its images go")
     ap.add_argument("--steps", type=int, default=25, help="DDPM steps for the restorations (restore.py defaults to 50)")
+    ap.add_argument("--caption-model", type=Path, default=Path(".cache/tiny/llava"),
+                    help="the LLaVA folder that captions the held-out LQ images (transformers engine)")
+    ap.add_argument("--caption-max-tokens", type=int, default=16)
     args = ap.parse_args(argv)
     build, held, report = args.build.resolve(), args.heldout.resolve(), args.report.resolve()
+    caption_model = args.caption_model.resolve()
+    problems = check_inputs(build, held, caption_model)
+    if problems:
+        print("demo report: cannot start:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
     run_dir = build / "train"
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     report.mkdir(parents=True, exist_ok=True)
@@ -152,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     restored = report / "restored"
     n_images = len(list((held / "lq").glob("*.png")))
     t_restore = run([py, "model/restore.py", "--checkpoint", str(run_dir), "--input", str(held / "lq"),
-                     "--out", str(restored), "--caption-model", ".cache/tiny/llava", "--caption-max-tokens", "16",
+                     "--out", str(restored), "--caption-model", str(caption_model),
+                     "--caption-max-tokens", str(args.caption_max_tokens),
                      "--steps", str(args.steps)])
     table_json, table_md = report / "metrics.json", report / "metrics.md"
     t_eval = run([py, "model/evaluate.py", "--restored", str(restored), "--reference", str(held / "hr"),

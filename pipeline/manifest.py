@@ -31,7 +31,7 @@ TOP_LEVEL_KEYS = {
     "text_embed": dict,
     "train": dict,
     "model": dict,
-    "paired": dict,  # real LQ/HR test pairs (jobs/paired_testset.py)
+    "paired": dict,  # real LQ/HR test pairs (pipeline/paired_testset.py)
 }
 SOURCE_KEYS = {"name": str, "root": str, "glob": str, "limit": int}
 REQUIRED = ("name", "seed", "output", "sources")

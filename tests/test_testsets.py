@@ -1,9 +1,14 @@
 """Test-set manifests and jobs: DIV2K-Val / LSDIR-Val (degraded builds exported as PNG
-folders) and RealSR / DRealSR (real pairs, centre-cropped)."""
+folders) and RealSR / DRealSR (real pairs, centre-cropped).
+
+The library (pipeline/paired_testset.py, pipeline/testset_export.py) is called in-process;
+the thin CLIs (jobs/paired_testset.py, jobs/export_testset.py) are run as a user runs them,
+for their exit codes and messages."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,15 +20,13 @@ import skimage.data
 from pipeline.degrade_job import run_degrade
 from pipeline.image_io import decode_png
 from pipeline.manifest import ManifestError, load_manifest
+from pipeline.paired_testset import build_paired_testset, pair_files, paired_config
 from pipeline.plan import plan_rows
 from pipeline.shards import read_table, sidecar_path
+from pipeline.testset_export import pair_name
 from conftest import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-
-import export_testset  # noqa: E402  (jobs/export_testset.py, called in-process)
-import paired_testset  # noqa: E402  (jobs/paired_testset.py)
 
 PHOTOS = (skimage.data.astronaut, skimage.data.chelsea, skimage.data.coffee, skimage.data.rocket)
 LQ_W, LQ_H = 170, 151  # odd margins around 128: the LQ box starts at (21, 11)
@@ -33,6 +36,12 @@ def _save(path: Path, rgb: np.ndarray) -> np.ndarray:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1]))
     return rgb
+
+
+def _cli(job: str, *args: str) -> subprocess.CompletedProcess:
+    """jobs/<job>.py as a user runs it (DATA_ROOT and the rest of the environment inherited)."""
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), *args], capture_output=True, text=True,
+                          timeout=600)
 
 
 def _photo(i: int, w: int, h: int) -> np.ndarray:
@@ -84,9 +93,9 @@ def test_degraded_manifests_plan_their_crops(data_root: Path) -> None:
 def test_paired_manifests_load_and_pair(data_root: Path) -> None:
     for name, names in (("realsr_val", ["Canon_001", "Nikon_001"]), ("drealsr_val", ["DSC_0002", "DSC_0003"])):
         m = load_manifest(ROOT / f"manifests/{name}.json", check_sources=False)
-        cfg = paired_testset.paired_config(m)
+        cfg = paired_config(m)
         assert (cfg.scale, cfg.lq_size, cfg.hr_size) == (4, 128, 512)
-        assert [p.name for p in paired_testset.pair_files(cfg, m.path)] == names
+        assert [p.name for p in pair_files(cfg, m.path)] == names
         with pytest.raises(ManifestError, match="sources is empty"):  # jobs/degrade.py refuses it
             load_manifest(ROOT / f"manifests/{name}.json")
 
@@ -97,9 +106,9 @@ def _read(path: Path) -> np.ndarray:
 
 def test_paired_testset_centre_crops_exactly(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "realsr"
-    assert paired_testset.main(["--manifest", str(ROOT / "manifests/realsr_val.json"), "--out", str(out),
-                                "--no-progress"]) == 0
+    returned = build_paired_testset(load_manifest(ROOT / "manifests/realsr_val.json", out=out, check_sources=False))
     listing = json.loads((out / "testset.json").read_text())
+    assert listing == returned
     assert listing["count"] == 2 and listing["kind"] == "paired" and not listing["failed"]
     for cam in ("Canon", "Nikon"):
         d = data_root / f"RealSR(V3)/{cam}/Test/4"
@@ -113,45 +122,50 @@ def test_paired_testset_centre_crops_exactly(data_root: Path, tmp_path: Path) ->
     assert item["lq_box"] == [21, 11, 128, 128] and item["hr_box"] == [84, 44, 512, 512]
 
 
-def test_paired_testset_reports_bad_pairs(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_paired_testset_reports_bad_pairs(data_root: Path, tmp_path: Path) -> None:
     manifest = ROOT / "manifests/drealsr_val.json"
     out = tmp_path / "drealsr"
-    assert paired_testset.main(["--manifest", str(manifest), "--out", str(out), "--no-progress"]) == 0
+    args = ("--manifest", str(manifest), "--out", str(out), "--no-progress")
+    assert _cli("paired_testset", *args).returncode == 0
     (out / "lq" / "stale.png").write_bytes((out / "lq" / "DSC_0002.png").read_bytes())
     # an LQ stored at the HR's size is not a x4 pair: that pair fails, the other is written
     d = data_root / "DRealSR/x4/Test_x4"
     _save(d / "test_LR/DSC_0003_x4.png", cv2.imread(str(d / "test_HR/DSC_0003_x1.png"))[..., ::-1])
-    assert paired_testset.main(["--manifest", str(manifest), "--out", str(out), "--no-progress"]) == 1
+    r = _cli("paired_testset", *args)
+    assert r.returncode == 1
     listing = json.loads((out / "testset.json").read_text())
     assert [i["name"] for i in listing["items"]] == ["DSC_0002"]
-    assert "not 4x larger" in listing["failed"][0]["reason"] and "DSC_0003" in capsys.readouterr().out
+    assert "not 4x larger" in listing["failed"][0]["reason"] and "DSC_0003" in r.stdout
     assert sorted(p.name for p in (out / "lq").iterdir()) == ["DSC_0002.png"]  # stale and failed ones gone
     # an HR without its LQ: the folders do not pair, nothing is cropped
     _save(d / "test_HR/DSC_0009_x1.png", _photo(0, 64, 64))
-    assert paired_testset.main(["--manifest", str(manifest), "--out", str(out), "--no-progress"]) == 2
-    assert "1 HR without LQ: DSC_0009" in capsys.readouterr().err
+    r = _cli("paired_testset", *args)
+    assert r.returncode == 2
+    assert "1 HR without LQ: DSC_0009" in r.stderr
 
 
-def test_paired_section_is_checked(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_paired_section_is_checked(data_root: Path, tmp_path: Path) -> None:
     body = json.loads((ROOT / "manifests/realsr_val.json").read_text())
     body["paired"]["lq_sise"] = 128
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(body))
-    assert paired_testset.main(["--manifest", str(bad), "--no-progress"]) == 2
-    assert "unknown key paired.lq_sise" in capsys.readouterr().err
-    assert paired_testset.main(["--manifest", str(ROOT / "manifests/div2k_val.json"), "--no-progress"]) == 2
-    assert "jobs/export_testset.py" in capsys.readouterr().err
+    with pytest.raises(ManifestError, match="unknown key paired.lq_sise"):
+        paired_config(load_manifest(bad, check_sources=False))
+    with pytest.raises(ManifestError, match="jobs/export_testset.py"):
+        paired_config(load_manifest(ROOT / "manifests/div2k_val.json", check_sources=False))
+    r = _cli("paired_testset", "--manifest", str(bad), "--no-progress")
+    assert r.returncode == 2 and "error: " in r.stderr and "unknown key paired.lq_sise" in r.stderr
 
 
-def test_export_testset_writes_the_shards_pngs(tmp_path: Path, photo_dir: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_testset_writes_the_shards_pngs(tmp_path: Path, photo_dir: Path) -> None:
     out = tmp_path / "build"
     manifest = write_manifest(tmp_path / "m.json", [{"name": "sk", "root": str(photo_dir)}], out)
-    assert export_testset.main(["--manifest", str(manifest)]) == 2  # nothing built yet
-    assert "jobs/degrade.py" in capsys.readouterr().err
+    r = _cli("export_testset", "--manifest", str(manifest))
+    assert r.returncode == 2 and "jobs/degrade.py" in r.stderr  # nothing built yet
     result = run_degrade(load_manifest(manifest), distributor="serial", show_progress=False)
     assert result.exit_code == 0
-    assert export_testset.main(["--manifest", str(manifest)]) == 0
+    r = _cli("export_testset", "--manifest", str(manifest))
+    assert r.returncode == 0 and "test: 8 pairs" in r.stdout
     listing = json.loads((out / "testset.json").read_text())
     assert listing["kind"] == "degraded" and listing["count"] == 8
     assert (listing["lq_size"], listing["hr_size"]) == (32, 128)
@@ -159,7 +173,7 @@ def test_export_testset_writes_the_shards_pngs(tmp_path: Path, photo_dir: Path,
     for arrow in sorted((out / "pairs").glob("shard-*.arrow")):
         table = read_table(arrow).to_pydict()
         for key, lq, hq in zip(table["key"], table["lq_png"], table["hq_png"]):
-            name = export_testset.pair_name(key, several_sources=False)
+            name = pair_name(key, several_sources=False)
             assert (out / "lq" / f"{name}.png").read_bytes() == lq
             assert (out / "hr" / f"{name}.png").read_bytes() == hq
             seen.add(name)
@@ -167,10 +181,10 @@ def test_export_testset_writes_the_shards_pngs(tmp_path: Path, photo_dir: Path,
     assert sorted(p.stem for p in (out / "lq").glob("*.png")) == sorted(seen)
     # a build that no longer matches its shards is refused, naming the shard
     sidecar_path(out / "pairs" / "shard-00001.arrow").unlink()
-    assert export_testset.main(["--manifest", str(manifest)]) == 2
-    assert "shard-00001.arrow" in capsys.readouterr().err
+    r = _cli("export_testset", "--manifest", str(manifest))
+    assert r.returncode == 2 and "shard-00001.arrow" in r.stderr
 
 
 def test_pair_names_are_flat_and_unique() -> None:
-    assert export_testset.pair_name("DIV2K_val/0801.png#7", False) == "0801_07"
-    assert export_testset.pair_name("LSDIR/0001000/0000001.png#12", True) == "LSDIR_0001000_0000001_12"
+    assert pair_name("DIV2K_val/0801.png#7", False) == "0801_07"
+    assert pair_name("LSDIR/0001000/0000001.png#12", True) == "LSDIR_0001000_0000001_12"
