@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from model.sampling import OnStep, Predict, Predictor, guided_noise, restore as sample  # noqa: E402
+from model.sampling import (PRIOR_CACHE_BYTES, OnStep, Predict, Predictor, PriorCache, guided_noise,  # noqa: E402
+                            restore as sample)
 
 SCALE = 4  # SSP-IR restores ×4 (LQ 128² → 512² at training)
 LRE_TIMESTEP = 999
@@ -173,13 +174,15 @@ def blend_weights(tiles: Sequence[tuple[int, int, int, int]], height: int, width
     return [g / total[..., y:y + h, x:x + w] for (y, x, h, w), g in zip(tiles, raw)]
 
 
-def tiled_predictor(tile: int, overlap: int) -> Predictor:
+def tiled_predictor(tile: int, overlap: int, prior_cache_bytes: int = PRIOR_CACHE_BYTES) -> Predictor:
     """A `model.sampling.restore` predictor that runs the model tile by tile.
 
     `tile` and `overlap` are latent pixels. Each tile gets its own LQ window (for the CLIP
     image prior), its ×4 window (for the Processor / ControlNet) and its latent window; its
     guided ε̂ is added into a full-size buffer with its normalised Gaussian weights. The
-    text (the caption of the whole image) is the same for every tile.
+    text (the caption of the whole image) is the same for every tile. Each tile's static
+    priors are computed at its first step and kept (`PriorCache`, up to
+    `prior_cache_bytes`; tiles beyond it recompute them every step).
     """
     def make(model: Any, text: torch.Tensor, uncond: torch.Tensor, lq: torch.Tensor, lq_up: torch.Tensor,
              guidance: float) -> Predict:
@@ -188,13 +191,15 @@ def tiled_predictor(tile: int, overlap: int) -> Predictor:
         q = f * lq.shape[-1] // lq_up.shape[-1]  # LQ pixels per latent pixel (2 at ×4)
         tiles = plan_tiles(lat_h, lat_w, tile, overlap)
         weights = [w.to(lq_up.device) for w in blend_weights(tiles, lat_h, lat_w)]
+        cache = PriorCache(model, prior_cache_bytes)
 
         def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out = torch.zeros_like(latents, dtype=torch.float32)
             for (y, x, h, w), wt in zip(tiles, weights):
-                eps = guided_noise(model, latents[..., y:y + h, x:x + w], t, text, uncond,
-                                   lq[..., q * y:q * (y + h), q * x:q * (x + w)],
-                                   lq_up[..., f * y:f * (y + h), f * x:f * (x + w)], guidance)
+                lq_win = lq[..., q * y:q * (y + h), q * x:q * (x + w)]
+                up_win = lq_up[..., f * y:f * (y + h), f * x:f * (x + w)]
+                eps = guided_noise(model, latents[..., y:y + h, x:x + w], t, text, uncond, lq_win, up_win,
+                                   guidance, cache.get((y, x), lq_win, up_win))
                 out[..., y:y + h, x:x + w] += eps.float() * wt
             return out.to(latents.dtype)
 

@@ -43,23 +43,69 @@ def uncond_like(empty: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return uncond
 
 
+Static = dict[str, Any]
+
+
+def doubled(static: Static) -> Static:
+    """Static priors of one branch batched for both CFG branches (the priors are on in both)."""
+    return {"features": torch.cat([static["features"]] * 2), "image_tokens": torch.cat([static["image_tokens"]] * 2)}
+
+
 def guided_noise(model: Any, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
-                 lq: torch.Tensor, lq_up: torch.Tensor, guidance: float) -> torch.Tensor:
-    """ε̂ with classifier-free guidance: both branches in one batch, priors on in both."""
+                 lq: torch.Tensor, lq_up: torch.Tensor, guidance: float, static: Static | None = None
+                 ) -> torch.Tensor:
+    """ε̂ with classifier-free guidance: both branches in one batch, priors on in both.
+
+    `static` is `model.static_priors(lq, lq_up)`, computed once per image or tile by the
+    caller; without it they are computed here (once, for both branches)."""
     tt = t.repeat(latents.shape[0]).to(latents.device)
+    if static is None:
+        static = model.static_priors(lq, lq_up)
     if guidance == 1.0:
-        return model(latents, tt, text, lq, lq_up)[0]
+        return model(latents, tt, text, lq, lq_up, static=static)[0]
     both = torch.cat([latents, latents])
     pred = model(both, torch.cat([tt, tt]), torch.cat([uncond, text]),
-                 torch.cat([lq, lq]), torch.cat([lq_up, lq_up]))[0]
+                 torch.cat([lq, lq]), torch.cat([lq_up, lq_up]), static=doubled(static))[0]
     p_uncond, p_text = pred.chunk(2)
     return p_uncond + guidance * (p_text - p_uncond)
 
 
+class PriorCache:
+    """Static priors per LQ window (a tile), kept across denoising steps within a byte budget.
+
+    They do not change between steps, so computing them once per tile instead of once per
+    step saves the Processor (full resolution) and the CLIP tower at every step. Windows
+    beyond the budget are recomputed each step (same values: the computation is
+    deterministic), so memory stays bounded on very large images. At SD1.5 size a 512² tile
+    keeps about 6 MB (320 × 64² features + 257 × 768 tokens, float32).
+    """
+
+    def __init__(self, model: Any, budget_bytes: int) -> None:
+        self.model, self.budget, self.used = model, budget_bytes, 0
+        self.kept: dict[Any, Static] = {}
+
+    def get(self, key: Any, lq: torch.Tensor, lq_up: torch.Tensor) -> Static:
+        hit = self.kept.get(key)
+        if hit is not None:
+            return hit
+        full = self.model.static_priors(lq, lq_up)
+        static = {"features": full["features"], "image_tokens": full["image_tokens"]}
+        size = sum(v.numel() * v.element_size() for v in static.values())
+        if self.used + size <= self.budget:
+            self.kept[key] = static
+            self.used += size
+        return static
+
+
+PRIOR_CACHE_BYTES = 1 << 30
+
+
 def whole_image(model: Any, text: torch.Tensor, uncond: torch.Tensor, lq: torch.Tensor, lq_up: torch.Tensor,
                 guidance: float) -> Predict:
-    """The default predictor: the model sees the whole latent."""
-    return lambda latents, t: guided_noise(model, latents, t, text, uncond, lq, lq_up, guidance)
+    """The default predictor: the model sees the whole latent; static priors computed once."""
+    cache = PriorCache(model, PRIOR_CACHE_BYTES)
+    return lambda latents, t: guided_noise(model, latents, t, text, uncond, lq, lq_up, guidance,
+                                           cache.get(None, lq, lq_up))
 
 
 def denoise(scheduler: Any, latents: torch.Tensor, predict: Predict, generator: torch.Generator,

@@ -223,15 +223,26 @@ class SSPIR(nn.Module):
         latents = dist.sample(generator) if sample else dist.mode()
         return latents * self.vae.config.scaling_factor
 
-    def priors(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_hidden: torch.Tensor,
-               lq: torch.Tensor, lq_up: torch.Tensor) -> dict[str, Any]:
-        """Everything the UNet needs besides its own inputs: ControlNet residuals, image tokens, RGB outputs."""
+    def static_priors(self, lq: torch.Tensor, lq_up: torch.Tensor) -> dict[str, Any]:
+        """The priors that depend on the LQ alone (Processor features and RGB outputs, refined
+        CLIP image tokens): not on the timestep, not on the text. A sampler computes them
+        once per image (or tile) and passes them back as `static=`, instead of recomputing
+        the Processor at full resolution and the CLIP tower at every step and CFG branch."""
         features, rgbs = self.processor(lq_up.to(torch.float32))
         image_tokens = self.refine(self.image_encoder.encode(lq).to(torch.float32))
+        return {"features": features, "rgbs": rgbs, "image_tokens": image_tokens}
+
+    def priors(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_hidden: torch.Tensor,
+               lq: torch.Tensor, lq_up: torch.Tensor, static: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything the UNet needs besides its own inputs: ControlNet residuals, image tokens, RGB outputs.
+        `static` (from `static_priors`, batched like `noisy_latents`) skips recomputing those."""
+        if static is None:
+            static = self.static_priors(lq, lq_up)
         down, mid = self.controlnet(noisy_latents.to(torch.float32), timesteps,
                                     encoder_hidden_states=text_hidden.to(torch.float32),
-                                    controlnet_cond=features, return_dict=False)
-        return {"down": tuple(down), "mid": mid, "image_tokens": image_tokens, "rgbs": rgbs, "features": features}
+                                    controlnet_cond=static["features"], return_dict=False)
+        return {"down": tuple(down), "mid": mid, "image_tokens": static["image_tokens"],
+                "rgbs": static.get("rgbs", []), "features": static["features"]}
 
     def unet_forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_hidden: torch.Tensor,
                      down: tuple[torch.Tensor, ...] | None, mid: torch.Tensor | None,
@@ -248,13 +259,15 @@ class SSPIR(nn.Module):
         )[0]
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_hidden: torch.Tensor,
-                lq: torch.Tensor, lq_up: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                lq: torch.Tensor, lq_up: torch.Tensor, static: dict[str, Any] | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(noise_pred, [rgb H/2, rgb H/4, rgb H/8]).
 
         noisy_latents (B, 4, h, w); timesteps (B,); text_hidden (B, 77·k, D); lq (B, 3, H/4, W/4)
-        in [0, 1] for CLIP; lq_up (B, 3, H, W) in [-1, 1], the LQ bicubic-upsampled ×4.
+        in [0, 1] for CLIP; lq_up (B, 3, H, W) in [-1, 1], the LQ bicubic-upsampled ×4;
+        static: precomputed `static_priors` (sampling), None in training.
         """
-        p = self.priors(noisy_latents, timesteps, text_hidden, lq, lq_up)
+        p = self.priors(noisy_latents, timesteps, text_hidden, lq, lq_up, static)
         noise_pred = self.unet_forward(noisy_latents, timesteps, text_hidden, p["down"], p["mid"], p["image_tokens"])
         return noise_pred, p["rgbs"]
 

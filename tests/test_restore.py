@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.restore import (RestoreSettings, Restorer, adain_color_fix, blend_weights, lq_tensors, main,
-                           make_caption_engine, make_scheduler, plan_tiles, wavelet_color_fix)
+from model.restore import (RestoreSettings, Restorer, adain_color_fix, blend_weights, guided_noise, lq_tensors, main,
+                           make_caption_engine, make_scheduler, plan_tiles, tiled_predictor, wavelet_color_fix)
 from model.train_config import TrainConfig
 
 TINY_PROCESSOR = {"stem_channels": 8, "channels": [8, 16, 16]}
@@ -130,6 +130,67 @@ def test_300x200_restores_to_1200x800_in_tiles(restorer: Restorer, photo_dir: Pa
     assert res.image.shape == (800, 1200, 3) and res.tiles == 6
     assert len(shapes) == 6 and set(shapes) == {((64, 64), (128, 128), (512, 512))}
     assert res.image.std() > 5 and len(np.unique(res.image.reshape(-1, 3), axis=0)) > 1000
+
+
+def _count_calls(module: torch.nn.Module, calls: list[int]):
+    return module.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+
+
+@pytest.mark.parametrize("tile, tiles", [(0, 1), (64, 4)])
+def test_static_priors_are_computed_once_per_tile_not_per_step(restorer: Restorer, photo_dir: Path,
+                                                               tile: int, tiles: int) -> None:
+    """The Processor and the CLIP tower depend on the LQ only: one call per tile (batch 1),
+    whatever the number of steps; the ControlNet runs every step for both CFG branches."""
+    lq = photo(photo_dir, "chelsea.png", (96, 80))
+    processor, clip, controlnet = [], [], []
+    hooks = [_count_calls(restorer.model.processor, processor), _count_calls(restorer.model.image_encoder.vit.patch_embed, clip),
+             _count_calls(restorer.model.controlnet, controlnet)]
+    try:
+        res = restorer.restore(lq, "a cat", RestoreSettings(steps=3, tile=tile, tile_overlap=16))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert res.tiles == tiles
+    assert processor == [1] * tiles and clip == [1] * tiles
+    assert controlnet == [2] * (3 * tiles)
+
+
+def test_cached_priors_predict_what_the_plain_forward_predicts(restorer: Restorer, lq64: np.ndarray) -> None:
+    """guided_noise with precomputed static priors == the model's training forward on the
+    CFG batch (which computes the Processor and CLIP priors itself)."""
+    from model.sampling import uncond_like
+
+    model = restorer.model
+    lq, lq_up = lq_tensors(lq64, "cpu")
+    text = restorer.embed("an astronaut")[None]
+    uncond = uncond_like(restorer.empty, text)
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 32, 32, generator=g)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        cached = guided_noise(model, latents, t, text, uncond, lq, lq_up, 7.5, model.static_priors(lq, lq_up))
+        pred = model(torch.cat([latents] * 2), torch.cat([t, t]), torch.cat([uncond, text]),
+                     torch.cat([lq] * 2), torch.cat([lq_up] * 2))[0]
+    p_uncond, p_text = pred.chunk(2)
+    torch.testing.assert_close(cached, p_uncond + 7.5 * (p_text - p_uncond), rtol=1e-5, atol=1e-5)
+    assert cached.abs().mean() > 0.1
+
+
+def test_a_prior_cache_over_budget_recomputes_and_gives_the_same_result(restorer: Restorer, photo_dir: Path) -> None:
+    from model.sampling import restore as sample
+
+    lq, lq_up = lq_tensors(photo(photo_dir, "chelsea.png", (96, 80)), "cpu")
+    sched = make_scheduler(restorer.model.noise_scheduler.config, "ddpm")
+    text = restorer.embed("a cat")[None]
+    calls: list[int] = []
+    hook = _count_calls(restorer.model.processor, calls)
+    try:
+        outs = [sample(restorer.model, sched, lq, lq_up, text, restorer.empty, steps=2,
+                       predictor=tiled_predictor(32, 8, prior_cache_bytes=budget)) for budget in (1 << 30, 0)]
+    finally:
+        hook.remove()
+    assert len(calls) == 4 + 2 * 4  # 4 tiles: once with the cache, every step without
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
 
 
 def _captured_text(restorer: Restorer, lq: np.ndarray, prompt: str) -> torch.Tensor:
