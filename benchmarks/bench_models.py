@@ -13,6 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+from typing import Any
+
 
 def build_sd15_random(sd: Path) -> Path:
     """SD1.5's layout and sizes, random weights (seeded), plus image_encoder/ (timm ViT-L/14)."""
@@ -37,3 +40,46 @@ def build_sd15_random(sd: Path) -> Path:
     (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
                                                      "_random_sd15_size": True}) + "\n")
     return sd
+
+
+def ensure_random_run(run: Path, sd: Path, processor: dict[str, Any] | None = None, scale: float = 0.05) -> Path:
+    """A run folder holding one checkpoint (trainable/ + trainer_state.json, what
+    model/restore.py reads) of SSP-IR on the SD1.5-layout folder `sd`, built once.
+
+    The zero-initialised layers get random values (× `scale`), as training would give them,
+    so the priors really take part in the computation being measured."""
+    import torch
+
+    from model.sspir import SSPIR
+    from model.train_config import TrainConfig
+
+    ckpt = run / "checkpoints" / "step-00000001"
+    if (ckpt / "trainer_state.json").is_file():
+        return run
+    torch.manual_seed(0)
+    model = SSPIR.from_pretrained(str(sd), str(sd / "image_encoder"), processor_kwargs=processor)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.trainable.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    model.save_trainable(ckpt / "trainable")
+    cfg = TrainConfig(pretrained=str(sd), image_encoder=str(sd / "image_encoder"), processor=processor or {})
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "config": cfg.to_dict()}))
+    return run
+
+
+def astronaut_lq(side: int) -> Any:
+    """A real photograph (scikit-image's astronaut) area-resized to side², uint8 RGB."""
+    import cv2
+    import numpy as np
+    import skimage
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(Path(skimage.__file__).parent / "data" / "astronaut.png").convert("RGB"))
+    return cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA)
+
+
+if __name__ == "__main__":  # python benchmarks/bench_models.py SD_DIR: build it in a process of its own
+    sys.path.insert(0, str(ROOT))
+    build_sd15_random(Path(sys.argv[1]))

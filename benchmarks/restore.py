@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_models import astronaut_lq, ensure_random_run  # noqa: E402  (the script's own folder is on sys.path)
+
 TINY_PROCESSOR = {"stem_channels": 8, "channels": [8, 16, 16]}
 CASES = {"512": (128, "ddpm"), "dpm": (128, "dpm"), "2048": (512, "ddpm")}
 
@@ -61,42 +63,13 @@ def peak_rss_mb() -> float:
 
 
 def ensure_checkpoint(cache: Path) -> Path:
-    """A run folder with one checkpoint of the tiny model (zero-initialised layers given
-    random values, as training would), built once and reused."""
-    import torch
-
-    from model.sspir import SSPIR
-    from model.train_config import TrainConfig
+    """A run folder with one checkpoint of the tiny model, built once and reused."""
     from pipeline.tiny_sd import build_tiny_sd
 
     sd = ROOT / ".cache" / "tiny" / "sd15"
     if not (sd / "model_index.json").is_file():
         build_tiny_sd(sd)
-    ckpt = cache / "run" / "checkpoints" / "step-00000001"
-    if (ckpt / "trainer_state.json").is_file():
-        return cache / "run"
-    torch.manual_seed(0)
-    model = SSPIR.from_pretrained(str(sd), str(sd / "image_encoder"), processor_kwargs=TINY_PROCESSOR)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.trainable.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_trainable(ckpt / "trainable")
-    cfg = TrainConfig(pretrained=str(sd), image_encoder=str(sd / "image_encoder"), processor=TINY_PROCESSOR)
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "config": cfg.to_dict()}))
-    return cache / "run"
-
-
-def lq_image(side: int):
-    """A real photograph (scikit-image's astronaut) area-resized to side²."""
-    import cv2
-    import numpy as np
-    import skimage
-    from PIL import Image
-
-    rgb = np.asarray(Image.open(Path(skimage.__file__).parent / "data" / "astronaut.png").convert("RGB"))
-    return cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA)
+    return ensure_random_run(cache / "run", sd, processor=TINY_PROCESSOR)
 
 
 def child(case: str, run: Path, steps: int, threads: int) -> dict:
@@ -107,7 +80,7 @@ def child(case: str, run: Path, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     side, scheduler = CASES[case]
     restorer = Restorer(run, device="cpu")
-    lq = lq_image(side)
+    lq = astronaut_lq(side)
     loaded = rss_mb()
     stamps: list[tuple[float, float]] = []  # (wall, process CPU) seconds before each step
     decode_start: list[tuple[float, float]] = []  # the VAE decoder's first call (tiled: once per tile)

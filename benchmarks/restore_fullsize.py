@@ -38,43 +38,15 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_models import build_sd15_random  # noqa: E402  (the script's own folder is on sys.path)
+from bench_models import astronaut_lq, build_sd15_random, ensure_random_run  # noqa: E402  (the script's own folder is on sys.path)
 
 PROMPT = "an astronaut in a white space suit standing in front of a flag, sharp detailed photograph"
 
 
 def ensure_run(cache: Path) -> Path:
     """A run folder with one checkpoint of SSP-IR's trainable parts at their default sizes."""
-    import torch
-
-    from model.sspir import SSPIR
-    from model.train_config import TrainConfig
-
     sd = build_sd15_random(cache / "sd15")
-    ckpt = cache / "run" / "checkpoints" / "step-00000001"
-    if (ckpt / "trainer_state.json").is_file():
-        return cache / "run"
-    torch.manual_seed(0)
-    model = SSPIR.from_pretrained(str(sd), str(sd / "image_encoder"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.trainable.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-    model.save_trainable(ckpt / "trainable")
-    cfg = TrainConfig(pretrained=str(sd), image_encoder=str(sd / "image_encoder"))
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "config": cfg.to_dict()}))
-    return cache / "run"
-
-
-def lq_image(side: int) -> Any:
-    import cv2
-    import numpy as np
-    import skimage
-    from PIL import Image
-
-    rgb = np.asarray(Image.open(Path(skimage.__file__).parent / "data" / "astronaut.png").convert("RGB"))
-    return cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA)
+    return ensure_random_run(cache / "run", sd, scale=0.01)
 
 
 def per_step_priors(model: Any, text: Any, uncond: Any, lq: Any, lq_up: Any, guidance: float) -> Callable:
@@ -130,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     restorer = Restorer(run, device=args.device, dtype=args.dtype)
     load_s = now() - t0
     model = restorer.model
-    lq_rgb = lq_image(128)
+    lq_rgb = astronaut_lq(128)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     restorer.restore(lq_rgb, PROMPT, RestoreSettings(steps=1))  # warm-up (kernels, allocator)

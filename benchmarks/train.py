@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                             "--manifest", str(args.manifest), "--steps", str(args.steps)],
                            capture_output=True, text=True, check=True, cwd=ROOT)
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print(f"| loader workers | steps | samples/s | data wait (steady) | data wait (step 1) | peak RSS MB |")
+    print("| loader workers | steps | samples/s | data wait (steady) | data wait (step 1) | peak RSS MB |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['workers']} | {r['steps']} | {r['samples_per_s']} | {100 * r['data_wait_fraction']:.2f}% | "

@@ -61,8 +61,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_models import build_sd15_random  # noqa: E402  (the script's own folder is on sys.path)
-
 CASES = {"off": False, "on": True}  # gradient checkpointing
 WARMUP = 2
 
@@ -261,9 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if not (args.cache / "sd15" / "model_index.json").is_file():  # in a process of its own: ~8 GB transient
-        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; sys.path[:0] = sys.argv[1:3]; "
-                        "from bench_models import build_sd15_random; build_sd15_random(Path(sys.argv[3]))",
-                        str(ROOT), str(ROOT / "benchmarks"), str(args.cache / "sd15")], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_models.py"), str(args.cache / "sd15")],
+                       check=True, cwd=ROOT)
     rows = []
     for case in cases:
         print(f"case: gradient checkpointing {case} (batch {args.batch}, {args.resolution}², {args.device}, "

@@ -103,9 +103,8 @@ PRIOR_CACHE_BYTES = 1 << 30
 def whole_image(model: Any, text: torch.Tensor, uncond: torch.Tensor, lq: torch.Tensor, lq_up: torch.Tensor,
                 guidance: float) -> Predict:
     """The default predictor: the model sees the whole latent; static priors computed once."""
-    cache = PriorCache(model, PRIOR_CACHE_BYTES)
-    return lambda latents, t: guided_noise(model, latents, t, text, uncond, lq, lq_up, guidance,
-                                           cache.get(None, lq, lq_up))
+    static = model.static_priors(lq, lq_up)
+    return lambda latents, t: guided_noise(model, latents, t, text, uncond, lq, lq_up, guidance, static)
 
 
 def denoise(scheduler: Any, latents: torch.Tensor, predict: Predict, generator: torch.Generator,

@@ -7,7 +7,6 @@ Defaults are the paper's: Adam, lr 5e-5, global batch 32, 100K steps, λ_rgb 0.1
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from pipeline.settings import Settings
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def job_env() -> dict[str, str]:
+    """The environment a job runs in under test: Ray's token auth off (this machine has no
+    token) and no RAY_ADDRESS inherited, so a job starts its own private local Ray."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_script(script: str | Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A project script (path relative to the repository) run as a user runs it, output captured."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=job_env(), cwd=ROOT)
 
 
 @pytest.fixture(scope="session")

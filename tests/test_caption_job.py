@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_manifest
+from conftest import ROOT, run_script, write_manifest
 from pipeline.caption_job import run_captions
 from pipeline.degrade_job import run_degrade
 from pipeline.manifest import load_manifest
@@ -38,10 +36,7 @@ def build(tmp_path: Path, photo_dir: Path, tiny_models: dict[str, Path]):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, JOB, "--no-progress", *args], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return run_script(JOB, "--no-progress", *args)
 
 
 def _captions(out: Path, shard: int) -> dict[str, list]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, write_manifest
+from conftest import ROOT, job_env, run_script, write_manifest
 from pipeline.degrade_job import run_degrade
 from pipeline.manifest import load_manifest
 from pipeline.shards import read_sidecar, shard_path
@@ -22,10 +22,7 @@ JOB = str(ROOT / "jobs" / "degrade.py")
 
 
 def _cli(manifest: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, JOB, "--manifest", str(manifest), "--no-progress", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return run_script(JOB, "--manifest", str(manifest), "--no-progress", *args, timeout=timeout)
 
 
 def _shards(out: Path) -> dict[str, bytes]:
@@ -73,10 +70,8 @@ def test_sigkill_midway_then_rerun_gives_uninterrupted_result(tmp_path: Path, ph
                        gt_size=512, crops_per_image=4, rows_per_shard=2)
     _serial(m, ref)
     assert len(_shards(ref)) == 8
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, JOB, "--manifest", str(m), "--no-progress", "--workers", "1"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=job_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list((out / "pairs").glob("*.json")):
         time.sleep(0.02)

@@ -9,27 +9,18 @@ from what the stages wrote and that every file it links exists, not that restora
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import pytest
 
-from conftest import ROOT, write_manifest
-
-
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=ROOT)
+from conftest import run_script, write_manifest
 
 
 def _ok(script: str, *args: str) -> subprocess.CompletedProcess:
-    r = _run(script, *args)
+    r = run_script(script, *args, timeout=900)
     assert r.returncode == 0, f"{script} {' '.join(args)}: {r.stdout}{r.stderr}"
     return r
 
@@ -109,7 +100,7 @@ def test_report_carries_what_the_stages_wrote(demo: dict[str, Path]) -> None:
 
 
 def test_refuses_a_missing_build_naming_the_step(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
-    r = _run("jobs/demo_report.py", "--build", str(tmp_path / "nothing"), "--heldout", str(tmp_path / "held"),
+    r = run_script("jobs/demo_report.py", "--build", str(tmp_path / "nothing"), "--heldout", str(tmp_path / "held"),
              "--report", str(tmp_path / "report"), "--caption-model", str(tiny_models["llava"]))
     assert r.returncode == 2
     assert "model/train.py" in r.stderr and "jobs/export_testset.py" in r.stderr

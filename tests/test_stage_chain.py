@@ -8,20 +8,15 @@ stages agree row for row, which is what the trainer relies on.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import ROOT, write_manifest
+from conftest import run_script, write_manifest
 from pipeline.shards import read_table, shard_path, verify_shard
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), "--no-progress", *args],
-                          capture_output=True, text=True, timeout=600, env=env)
+    return run_script(f"jobs/{script}", "--no-progress", *args)
 
 
 def test_three_stages_agree_row_for_row(tmp_path: Path, photo_dir: Path, tiny_models: dict[str, Path]) -> None:
