@@ -23,7 +23,7 @@ def build_sd15_random(sd: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     from model.summary import SD15_TEXT_ENCODER, SD15_UNET_CONFIG, SD15_VAE_CONFIG
-    from pipeline.tiny_sd import SD15_SCHEDULER, build_clip_tokenizer, build_image_encoder, build_text_encoder
+    from demo_fixtures.tiny_sd import SD15_SCHEDULER, build_clip_tokenizer, build_image_encoder, build_text_encoder
 
     if (sd / "model_index.json").is_file():
         return sd
@@ -50,8 +50,8 @@ def ensure_random_run(run: Path, sd: Path, processor: dict[str, Any] | None = No
     so the priors really take part in the computation being measured."""
     import torch
 
-    from model.sspir import SSPIR
-    from model.train_config import TrainConfig
+    from model.networks.sspir import SSPIR
+    from model.training.config import TrainConfig
 
     ckpt = run / "checkpoints" / "step-00000001"
     if (ckpt / "trainer_state.json").is_file():

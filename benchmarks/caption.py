@@ -38,8 +38,8 @@ sys.path.insert(1, str(ROOT))  # the project, run from a checkout (benchmarks/ i
 from PIL import Image  # noqa: E402
 
 from bench_common import busy_cores, fmt_num, proc_status_kb, render_table  # noqa: E402
-from pipeline.caption_config import CaptionConfig  # noqa: E402
-from pipeline.caption_engines import ServerEngine  # noqa: E402
+from pipeline.caption.config import CaptionConfig  # noqa: E402
+from pipeline.caption.engines import ServerEngine  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench-out" / "caption.json"
 TARGET_RATIO = 0.9

@@ -6,7 +6,7 @@
 One run measures, on the 15 photographs bundled with scikit-image (jobs/prepare_demo.py):
   1. ours on one core: ms per pair for decode, sampling, prepare_gt (USM), degrade_gt,
      encoding, and a stage-by-stage breakdown;
-  2. the real job (pipeline.degrade_job.run_degrade): serial, Ray 1 worker, Ray 2 workers,
+  2. the real job (pipeline.degrade.job.run_degrade): serial, Ray 1 worker, Ray 2 workers,
      pairs/s and peak RSS per worker, plus peak RSS over N and 2N images;
   3. BasicSR 1.4.2's own pipeline (benchmarks/basicsr_pipeline.py) on the same crops;
   4. output statistics: PSNR of the bicubic-upsampled LQ against the stored HQ;
@@ -92,8 +92,8 @@ def write_manifest(path: Path, crops: int, copies: int = 1, rows_per_shard: int 
 def select_rows(manifest_path: Path, n: int) -> list[Any]:
     """``n`` planned rows taken crop index first (every photo's crop 0, then crop 1, …), so
     small selections still cover all photos. Keys equal the job's, hence the same crops."""
-    from pipeline.manifest import load_manifest
-    from pipeline.plan import plan_rows
+    from pipeline.core.manifest import load_manifest
+    from pipeline.core.plan import plan_rows
 
     rows = plan_rows(load_manifest(manifest_path))
     order = sorted(range(len(rows)), key=lambda i: (rows[i].crop, i))
@@ -112,9 +112,9 @@ class OursResult:
 def bench_ours(rows: list[Any], decode_repeats: int = 3) -> OursResult:
     """Time our pipeline through its public API on one core, then stage by stage."""
     from ours_stages import run_api_pair, run_breakdown_pair
-    from pipeline.degrade_config import DegradeConfig
-    from pipeline.degradation import make_pair
-    from pipeline.image_io import load_source
+    from pipeline.degrade.config import DegradeConfig
+    from pipeline.degrade.ops import make_pair
+    from pipeline.core.image_io import load_source
 
     cv2.setNumThreads(1)
     cfg = DegradeConfig()  # = the manifest's degrade section: gt 512, paper defaults
@@ -218,7 +218,7 @@ def bench_basicsr(rows: list[Any], ours: OursResult, seed: int = 0) -> dict[str,
 
 def _kernel_error(deg: Any, recipe: dict[str, Any], basicsr_kernel: Any) -> float:
     """Largest element difference between our kernels and BasicSR's for the same draws."""
-    from pipeline.kernels import kernel_from_params
+    from pipeline.degrade.kernels import kernel_from_params
 
     err = 0.0
     for params in (recipe["blur1"], recipe["blur2"], recipe["final"]["sinc"]):
@@ -285,8 +285,8 @@ def recipe_digest(r: dict[str, Any]) -> str:
 
 def run_job(manifest_path: Path, out: Path, distributor: str, workers: int | None) -> tuple[Any, float]:
     """One run_degrade on a fresh output root; returns (JobResult, wall seconds)."""
-    from pipeline.degrade_job import run_degrade
-    from pipeline.manifest import load_manifest
+    from pipeline.degrade.job import run_degrade
+    from pipeline.core.manifest import load_manifest
 
     shutil.rmtree(out, ignore_errors=True)
     manifest = load_manifest(manifest_path, out=out)
@@ -321,7 +321,7 @@ def _warm_ray_workers(n: int) -> list[int]:
         import os as _os
         import time as _time
 
-        import pipeline.pairs_worker  # noqa: F401  (cv2, scipy, pyarrow: the worker's imports)
+        import pipeline.degrade.worker  # noqa: F401  (cv2, scipy, pyarrow: the worker's imports)
 
         _time.sleep(hold_s)
         return _os.getpid()
@@ -353,7 +353,7 @@ def bench_ray(manifest_path: Path, work: Path, workers: int) -> dict[str, Any]:
     """
     import ray
 
-    from pipeline.distribute import init_ray
+    from pipeline.core.distribute import init_ray
 
     if ray.is_initialized():
         ray.shutdown()

@@ -38,13 +38,13 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from bench_common import busy_cores, fmt_num, render_table  # noqa: E402
-from pipeline.embed_config import EmbedConfig  # noqa: E402
-from pipeline.embed_worker import build_embed_shard  # noqa: E402
-from pipeline.shards import ShardWriter, atomic_write_json, read_sidecar, shard_path, sidecar_path  # noqa: E402
-from pipeline.text_embed import (  # noqa: E402
+from pipeline.embed.config import EmbedConfig  # noqa: E402
+from pipeline.embed.worker import build_embed_shard  # noqa: E402
+from pipeline.core.shards import ShardWriter, atomic_write_json, read_sidecar, shard_path, sidecar_path  # noqa: E402
+from pipeline.embed.encoder import (  # noqa: E402
     CHUNK_LENGTH, encode_captions, load_text_encoder, quiet_transformers, tokenize,
 )
-from pipeline.tiny_sd import build_tiny_sd, text_encoder_config  # noqa: E402
+from demo_fixtures.tiny_sd import build_tiny_sd, text_encoder_config  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench-out" / "embed.json"
 # (share of rows, words low, words high): LLaVA-1.5's "very detailed" descriptions are

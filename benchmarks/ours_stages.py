@@ -3,7 +3,7 @@
 1. ``run_api_pair`` times the public API a worker calls (``sample_recipe``,
    ``prepare_gt``, ``degrade_gt``, ``encode_png``): these are the figures we quote.
 2. ``run_breakdown_pair`` replays the same recipe through the public stage primitives of
-   ``pipeline.degradation`` (``crop_gt``, ``usm_sharpen``, ``apply_kernel``, ``resize``,
+   ``pipeline.degrade.ops`` (``crop_gt``, ``usm_sharpen``, ``apply_kernel``, ``resize``,
    ``add_noise``, ``jpeg``) so every stage gets its own timer, row for row with BasicSR.
    It must give the API's bytes exactly; the caller checks that, so a breakdown that has
    drifted from the real code is reported instead of silently timing something else.
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from bench_common import StageTimer
-from pipeline import degradation as D
-from pipeline.degrade_config import DegradeConfig
-from pipeline.image_io import encode_png
-from pipeline.recipe import sample_recipe, sample_seed
+from pipeline.degrade import ops as D
+from pipeline.degrade.config import DegradeConfig
+from pipeline.core.image_io import encode_png
+from pipeline.degrade.recipe import sample_recipe, sample_seed
 
 
 @dataclasses.dataclass

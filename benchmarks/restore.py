@@ -64,7 +64,7 @@ def peak_rss_mb() -> float:
 
 def ensure_checkpoint(cache: Path) -> Path:
     """A run folder with one checkpoint of the tiny model, built once and reused."""
-    from pipeline.tiny_sd import build_tiny_sd
+    from demo_fixtures.tiny_sd import build_tiny_sd
 
     sd = ROOT / ".cache" / "tiny" / "sd15"
     if not (sd / "model_index.json").is_file():
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {"torch": torch.__version__, "threads": args.threads, "cpu_count": os.cpu_count(),
            "machine": platform.machine(), "processor": platform.processor(), "device": "cpu",
-           "model": "tiny SD1.5-shaped (pipeline/tiny_sd.py), random weights"}
+           "model": "tiny SD1.5-shaped (demo_fixtures/tiny_sd.py), random weights"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"runs": list(rows.values()), "tile_overhead": overhead, "environment": env},
                                    indent=1) + "\n")

@@ -15,7 +15,7 @@ Measured in one process, same inputs, 128² LQ → 512², CFG 7.5, DDPM:
   restore     Restorer.restore end to end (text encoding, VAE, `--steps` steps, decode):
               the figure to compare with the paper's 8.82 s on an A100 for its full method;
   cached      s/step with the static priors (Processor, CLIP image tokens) computed once
-              per image, what model/sampling.py does;
+              per image, what model/inference/sampling.py does;
   per-step    s/step with them recomputed at every step for the CFG batch of 2, what the
               sampler did before (the training forward);
   priors      model.static_priors alone, batch 1.
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from model.restore import RestoreSettings, Restorer, lq_tensors, make_scheduler
-    from model.sampling import restore as sample
-    from model.sampling import whole_image
+    from model.inference.sampling import restore as sample
+    from model.inference.sampling import whole_image
 
     cuda = args.device.startswith("cuda")
     steps = args.steps or (50 if cuda else 2)

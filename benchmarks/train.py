@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/train.py [--build out/demo] [--steps 12] [--workers 2]
 
-Runs the real trainer (model/trainer.py) on a complete build — out/demo by default
+Runs the real trainer (model/training/trainer.py) on a complete build — out/demo by default
 (`make demo` makes it: 512² pairs, tiny models) — for a few steps, twice in the same run:
 with `--workers` loader processes and with the loader in the training process
 (num_workers 0, the baseline a peer's `num_workers=0` loader gives). Reports samples/s,
@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def child(build: Path, manifest: Path, steps: int, workers: int) -> dict:
-    from model.train_config import TrainConfig
-    from model.trainer import run_training
-    from pipeline.manifest import load_manifest
+    from model.training.config import TrainConfig
+    from model.training.trainer import run_training
+    from pipeline.core.manifest import load_manifest
 
     cfg = load_manifest(manifest, out=build, check_sources=False).settings(TrainConfig, "train")
     cfg = dataclasses.replace(cfg, num_workers=workers, validation_pairs=0, checkpoint_every=10**9,

@@ -13,7 +13,7 @@ SD1.5-size folder of benchmarks/bench_models.py (built once under --cache, share
 benchmarks/restore_fullsize.py, about 5 GB).
 
 What runs is the trainer's own code, not a copy:
-  model     `Trainer._load_model` (model/trainer.py): `SSPIR.from_pretrained(sd, sd/image_encoder)`
+  model     `Trainer._load_model` (model/training/trainer.py): `SSPIR.from_pretrained(sd, sd/image_encoder)`
             with the default Processor / Refine Layer sizes, frozen VAE, UNet and CLIP image
             encoder in the mixed-precision dtype, trainable parts (Processor, ControlNet,
             Refine Layer, prior attention) in fp32, gradient checkpointing as configured,
@@ -24,7 +24,7 @@ What runs is the trainer's own code, not a copy:
             micro-batch: forward under `accelerator.autocast()`, `accelerator.backward`,
             gradient clipping, `optimizer.step()`, `zero_grad`; gradient accumulation 1, so
             one optimizer step is one micro-batch of --batch samples;
-  batch     built by model/data.py's `collate` from synthetic items shaped as the loader
+  batch     built by model/training/data.py's `collate` from synthetic items shaped as the loader
             ships them: uint8 HQ (3, R, R), LQ (3, R/4, R/4), LQ↑ (3, R, R), float16 text
             (77·k, 768) with k = --chunks (4, the embed stage's maximum: a batch of 8
             often holds a row with 4 chunks and is padded to it); pinned on CUDA, like the
@@ -86,8 +86,8 @@ def _reset_peak_rss() -> bool:
 
 def mixed_precision(dtype: str, cuda: bool) -> str:
     """accelerate's mixed_precision for --dtype: auto is what the trainer picks on that device."""
-    from model.train_config import TrainConfig
-    from model.trainer import _mixed_precision
+    from model.training.config import TrainConfig
+    from model.training.trainer import _mixed_precision
 
     if dtype == "bf16":
         return "bf16"
@@ -101,7 +101,7 @@ def synthetic_batch(batch: int, resolution: int, chunks: int, width: int, pin: b
     """A batch as the loader ships it (image_dtype=torch.uint8), made by the loader's `collate`."""
     import torch
 
-    from model.data import CHUNK_LENGTH, collate
+    from model.training.data import CHUNK_LENGTH, collate
 
     g = torch.Generator().manual_seed(0)
     lq_side = resolution // 4
@@ -123,8 +123,8 @@ def child(args: argparse.Namespace, case: str) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
 
-    from model.train_config import TrainConfig
-    from model.trainer import Trainer, TrainStep, step_generator
+    from model.training.config import TrainConfig
+    from model.training.trainer import Trainer, TrainStep, step_generator
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training-loader benchmark: samples/s of model.data's loader alone at 512², per worker.
+"""Training-loader benchmark: samples/s of model.training.data's loader alone at 512², per worker.
 
     .venv/bin/python benchmarks/train_loader.py                  # workers 0 (in process), 1, 2
     .venv/bin/python benchmarks/train_loader.py --build out/demo --workers 1 2 4 --seconds 20
@@ -17,7 +17,7 @@ Measured, in one run:
 * per-stage cost of one item in this process (one thread): PNG decode of the 512² HQ and
   the 128² LQ, bicubic ×4, uint8 → float32 conversion (ours: cv2.split + cv2.LUT; torch's
   permute/float/div/sub chain shown for comparison), the text view, collate;
-* the DataLoader from `model.data.make_loader` with 0 (in process), 1 and 2 workers:
+* the DataLoader from `model.training.data.make_loader` with 0 (in process), 1 and 2 workers:
   samples/s over a timed window after a warm-up, per worker, per worker-CPU-second (what
   one core delivers, robust to other load on the machine), and peak RSS of the main
   process and each worker (anonymous memory vs pages of the memory-mapped shards, which
@@ -77,9 +77,9 @@ def _run(*args: str) -> None:
 def prepare(work: Path, rows: int, hidden: int) -> Path:
     """A small real build at 512² through the real jobs (run in a subprocess of the benchmark,
     so the measuring process imports neither transformers nor Ray)."""
-    from pipeline.shards import read_table, shard_path
-    from pipeline.tiny_llava import build_tiny_llava
-    from pipeline.tiny_sd import build_tiny_sd
+    from pipeline.core.shards import read_table, shard_path
+    from demo_fixtures.tiny_llava import build_tiny_llava
+    from demo_fixtures.tiny_sd import build_tiny_sd
 
     sys.path.insert(0, str(ROOT / "jobs"))
     from prepare_demo import copy_photos
@@ -125,7 +125,7 @@ def prepare(work: Path, rows: int, hidden: int) -> Path:
 
 
 def choose_build(arg: str | None, rows: int, hidden: int) -> tuple[Path, str]:
-    from model.data import BuildError, verify_build
+    from model.training.data import BuildError, verify_build
 
     candidates = [Path(arg)] if arg else [ROOT / "out" / "demo", WORK / "build"]
     for c in candidates:
@@ -152,7 +152,7 @@ def profile_item(build: Path, n: int, batch: int) -> dict[str, float]:
     import cv2
     import torch
 
-    from model import data as D
+    from model.training import data as D
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
@@ -220,7 +220,7 @@ def _mem(pid: int) -> dict[str, float | None]:
 def run_loader(build: Path, workers: int, batch: int, seconds: float, warmup: float, dtype: str) -> dict[str, Any]:
     import torch
 
-    from model.data import make_loader
+    from model.training.data import make_loader
 
     loader = make_loader(build, batch, seed=0, num_workers=workers, pin_memory=False, prefetch_factor=4,
                          image_dtype=getattr(torch, dtype))
@@ -262,7 +262,7 @@ def run_loader(build: Path, workers: int, batch: int, seconds: float, warmup: fl
 def build_info(build: Path) -> dict[str, Any]:
     from collections import Counter
 
-    from pipeline.shards import read_sidecar, read_table, shard_path
+    from pipeline.core.shards import read_sidecar, read_table, shard_path
 
     ids = sorted(int(p.name[6:11]) for p in (build / "pairs").glob("shard-*.arrow"))
     chunks: Counter = Counter()

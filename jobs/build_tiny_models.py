@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.tiny_llava import build_tiny_llava  # noqa: E402
-from pipeline.tiny_sd import build_tiny_sd  # noqa: E402
+from demo_fixtures.tiny_llava import build_tiny_llava  # noqa: E402
+from demo_fixtures.tiny_sd import build_tiny_sd  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

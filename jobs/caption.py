@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from pipeline.caption_config import ENGINES  # noqa: E402
-from pipeline.caption_job import OverrideError, load_overrides, run_captions  # noqa: E402
-from pipeline.caption_worker import StageInputError  # noqa: E402
-from pipeline.manifest import ManifestError, load_manifest  # noqa: E402
+from pipeline.caption.config import ENGINES  # noqa: E402
+from pipeline.caption.job import OverrideError, load_overrides, run_captions  # noqa: E402
+from pipeline.caption.worker import StageInputError  # noqa: E402
+from pipeline.core.manifest import ManifestError, load_manifest  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from pipeline.degrade_job import run_degrade  # noqa: E402
-from pipeline.manifest import ManifestError, load_manifest  # noqa: E402
-from pipeline.shards import DiskFullError  # noqa: E402
+from pipeline.degrade.job import run_degrade  # noqa: E402
+from pipeline.core.manifest import ManifestError, load_manifest  # noqa: E402
+from pipeline.core.shards import DiskFullError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

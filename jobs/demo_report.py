@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.shards import SHARD_GLOB, read_sidecar, read_table  # noqa: E402
+from pipeline.core.shards import SHARD_GLOB, read_sidecar, read_table  # noqa: E402
 
 CURVES = (("loss", (200, 30, 30)), ("eps", (30, 90, 200)), ("rgb", (30, 150, 60)), ("fft", (150, 100, 20)))
 

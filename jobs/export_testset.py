@@ -7,7 +7,7 @@
 Writes <out>/lq/<name>.png (128²), <out>/hr/<name>.png (512², same names) and
 <out>/testset.json beside the build's pairs/; <out> is the manifest's "output", or --out
 like every job. The build must be complete and current for this manifest, else nothing
-is written. Naming and checks: pipeline/testset_export.py.
+is written. Naming and checks: pipeline/testsets/export.py.
 
 Exit status: 0 done; 2 bad manifest or arguments, or an incomplete/stale build.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from pipeline.manifest import ManifestError, load_manifest  # noqa: E402
-from pipeline.testset_folders import summary  # noqa: E402
-from pipeline.testset_export import export_testset  # noqa: E402
+from pipeline.core.manifest import ManifestError, load_manifest  # noqa: E402
+from pipeline.testsets.folders import summary  # noqa: E402
+from pipeline.testsets.export import export_testset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@
 Reads the pairs named by the manifest's "paired" section and writes <out>/lq/<name>.png
 (LQ centre crops, 128²), <out>/hr/<name>.png (the matching HR regions, 512²) and
 <out>/testset.json; <out> is the manifest's "output", or --out. How pairs are matched
-and cropped: pipeline/paired_testset.py.
+and cropped: pipeline/testsets/paired.py.
 
 Exit status: 0 done; 1 some pairs could not be cropped (listed; the others are written);
 2 bad manifest or arguments, or the folders do not pair.
@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from pipeline.manifest import ManifestError, load_manifest  # noqa: E402
-from pipeline.testset_folders import summary  # noqa: E402
-from pipeline.paired_testset import build_paired_testset  # noqa: E402
+from pipeline.core.manifest import ManifestError, load_manifest  # noqa: E402
+from pipeline.testsets.folders import summary  # noqa: E402
+from pipeline.testsets.paired import build_paired_testset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

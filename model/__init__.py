@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "SSPIR": "model.sspir",
-    "Processor": "model.processor",
-    "RefineLayer": "model.refine",
-    "PriorAttentionSet": "model.attention",
-    "ImageEncoder": "model.image_encoder",
-    "load_image_encoder": "model.image_encoder",
-    "controlnet_from_unet": "model.controlnet",
+    "SSPIR": "model.networks.sspir",
+    "Processor": "model.networks.processor",
+    "RefineLayer": "model.networks.refine",
+    "PriorAttentionSet": "model.networks.attention",
+    "ImageEncoder": "model.networks.image_encoder",
+    "load_image_encoder": "model.networks.image_encoder",
+    "controlnet_from_unet": "model.networks.controlnet",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from pipeline.manifest import IMAGE_SUFFIXES  # noqa: E402
+from pipeline.core.manifest import IMAGE_SUFFIXES  # noqa: E402
 
 PYIQA_VERSION = "0.1.16"  # the version whose weight files are listed below
 PYIQA_HF = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/"
@@ -338,7 +338,7 @@ def check_sizes(pairs: Sequence[Pair]) -> None:
 
 def read_rgb(path: Path) -> np.ndarray:
     """8-bit RGB through the pipeline's loader (16-bit, grey, palette, EXIF handled alike)."""
-    from pipeline.image_io import SourceError, load_source
+    from pipeline.core.image_io import SourceError, load_source
 
     try:
         rgb, _ = load_source(path, max_pixels=1 << 31, min_side=1)
@@ -507,7 +507,7 @@ class ClipImageSimilarity:
     def __init__(self, vit: Any, device: str) -> None:
         import torch
 
-        from model.image_encoder import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        from model.networks.image_encoder import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         self.vit = vit.to(device).eval().requires_grad_(False)
         self.device = device
@@ -538,7 +538,7 @@ class ClipImageSimilarity:
 def build_clip_i(ref: str, device: str, download: bool) -> ClipImageSimilarity:
     """CLIP-I from a timm name (weights from the Hugging Face cache) or a local timm folder."""
     try:
-        from model.image_encoder import resolve_image_encoder
+        from model.networks.image_encoder import resolve_image_encoder
     except ImportError as e:  # pragma: no cover - timm/torch are hard dependencies
         raise NotComputed(f"a Python package it needs is missing: {e}") from None
 

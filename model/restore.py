@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from model.sampling import (PRIOR_CACHE_BYTES, OnStep, Predict, Predictor, PriorCache, guided_noise,  # noqa: E402
+from model.inference.sampling import (PRIOR_CACHE_BYTES, OnStep, Predict, Predictor, PriorCache, guided_noise,  # noqa: E402
                             restore as sample)
 
 SCALE = 4  # SSP-IR restores ×4 (LQ 128² → 512² at training)
@@ -67,7 +67,7 @@ class RestoreSetupError(RuntimeError):
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder (`trainable/` + `trainer_state.json`), or the newest complete one
     of a run folder (`<run>/checkpoints/step-*`) or of a checkpoints folder (`step-*`)."""
-    from model.checkpoint import list_checkpoints
+    from model.training.checkpoint import list_checkpoints
 
     path = Path(path).expanduser()
     if (path / "trainer_state.json").is_file() and (path / "trainable").is_dir():
@@ -83,7 +83,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_models(ckpt: Path) -> dict[str, Any]:
     """What the run trained on, from trainer_state.json: `pretrained` (SD1.5), `image_encoder`, `step`."""
-    from model.checkpoint import load_trainer_state
+    from model.training.checkpoint import load_trainer_state
 
     state = load_trainer_state(ckpt)
     cfg = state.get("config", state)
@@ -175,7 +175,7 @@ def blend_weights(tiles: Sequence[tuple[int, int, int, int]], height: int, width
 
 
 def tiled_predictor(tile: int, overlap: int, prior_cache_bytes: int = PRIOR_CACHE_BYTES) -> Predictor:
-    """A `model.sampling.restore` predictor that runs the model tile by tile.
+    """A `model.inference.sampling.restore` predictor that runs the model tile by tile.
 
     `tile` and `overlap` are latent pixels. Each tile gets its own LQ window (for the CLIP
     image prior), its ×4 window (for the Processor / ControlNet) and its latent window; its
@@ -270,7 +270,7 @@ def pad_lq(rgb: np.ndarray, multiple: int) -> np.ndarray:
 def lq_tensors(rgb: np.ndarray, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 LQ (h, w, 3) → (lq (1, 3, h, w) in [0, 1], lq_up (1, 3, 4h, 4w) in [-1, 1]):
     the same cv2 bicubic on uint8 and the same value tables the training loader uses."""
-    from model.data import images_to_float
+    from model.training.data import images_to_float
 
     h, w = rgb.shape[:2]
     up = cv2.resize(rgb, (SCALE * w, SCALE * h), interpolation=cv2.INTER_CUBIC)
@@ -283,7 +283,7 @@ def lq_tensors(rgb: np.ndarray, device: Any) -> tuple[torch.Tensor, torch.Tensor
 def read_lq(path: Path, max_pixels: int = MAX_LQ_PIXELS) -> np.ndarray:
     """uint8 RGB (h, w, 3) through the pipeline's loader (EXIF rotation, 16-bit, CMYK,
     alpha over white); raises SourceError with a reason a person can act on."""
-    from pipeline.image_io import load_source
+    from pipeline.core.image_io import load_source
 
     return load_source(path, max_pixels=max_pixels, min_side=1)[0]
 
@@ -361,9 +361,9 @@ class Restorer:
 
     def __init__(self, checkpoint: str | Path, sd: str | None = None, image_encoder: str | None = None,
                  device: str = "auto", dtype: str = "auto", max_chunks: int | None = None) -> None:
-        from model.sspir import SSPIR
-        from pipeline.embed_config import EmbedConfig
-        from pipeline.text_embed import empty_prompt_embedding, load_text_encoder
+        from model.networks.sspir import SSPIR
+        from pipeline.embed.config import EmbedConfig
+        from pipeline.embed.encoder import empty_prompt_embedding, load_text_encoder
 
         self.checkpoint = resolve_checkpoint(checkpoint)
         recorded = checkpoint_models(self.checkpoint)
@@ -393,7 +393,7 @@ class Restorer:
     def embed(self, prompt: str) -> torch.Tensor:
         """(77·k, D) float32: the embed stage's chunking and float16 storage, so a prompt is
         conditioned on exactly as a caption was during training."""
-        from pipeline.text_embed import encode_captions
+        from pipeline.embed.encoder import encode_captions
 
         row = encode_captions(self.tokenizer, self.text_encoder, [prompt], self.max_chunks, batch_size=1)[0]
         if row.truncated_tokens:
@@ -441,13 +441,13 @@ class Restorer:
                          predictor=predictor, on_step=on_step)
         out = out.float()[..., :SCALE * h, :SCALE * w]
         out = color_fix(out, lq_up[..., :SCALE * h, :SCALE * w], settings.color_fix)
-        from model.validation_grid import to_uint8
+        from model.training.validation import to_uint8
 
         return RestoreResult(image=to_uint8(out[0]), prompt=prompt, text=text, tiles=tiles,
                              seconds=time.perf_counter() - t0)
 
     def _predictor(self, settings: RestoreSettings, lq_up: torch.Tensor) -> tuple[Predictor, int]:
-        from model.sampling import whole_image
+        from model.inference.sampling import whole_image
 
         if not settings.tile:
             return whole_image, 1
@@ -477,7 +477,7 @@ def caption_inputs(paths: Sequence[Path], engine: Any, batch_size: int,
     images of one batch in memory at a time. Unreadable inputs yield (path, None, reason)."""
     from PIL import Image
 
-    from pipeline.image_io import SourceError
+    from pipeline.core.image_io import SourceError
 
     for start in range(0, len(paths), batch_size):
         batch: list[tuple[Path, Image.Image]] = []
@@ -493,8 +493,8 @@ def caption_inputs(paths: Sequence[Path], engine: Any, batch_size: int,
 
 def make_caption_engine(name: str, model: str | None, server: str | None, max_tokens: int | None) -> Any:
     """The caption stage's engine with the manifest-free defaults (CaptionConfig())."""
-    from pipeline.caption_config import CaptionConfig
-    from pipeline.caption_engines import EngineError, make_engine
+    from pipeline.caption.config import CaptionConfig
+    from pipeline.caption.engines import EngineError, make_engine
 
     fields: dict[str, Any] = {"engine": name}
     for key, value in (("model", model), ("server", server), ("max_tokens", max_tokens)):
@@ -544,7 +544,7 @@ def settings_from(args: argparse.Namespace) -> RestoreSettings:
 
 def check_models_exist(args: argparse.Namespace) -> None:
     """The checkpoint and the SD1.5 folder it needs are there (cheap: no weights read)."""
-    from model.sspir import ModelLayoutError, resolve_sd
+    from model.networks.sspir import ModelLayoutError, resolve_sd
 
     sd = args.sd or checkpoint_models(resolve_checkpoint(args.checkpoint))["pretrained"]
     if not sd:
@@ -584,7 +584,7 @@ def prompts_for(args: argparse.Namespace, inputs: Sequence[Path],
 def restore_all(restorer: Restorer, inputs: Iterable[Path], prompts: dict[Path, tuple[str, str]],
                 names: dict[Path, str], out: Path, settings: RestoreSettings, failed: dict[Path, str]) -> int:
     """Restore each input; a failure is named on stderr and the rest go on. Returns the count done."""
-    from pipeline.image_io import SourceError
+    from pipeline.core.image_io import SourceError
 
     done = 0
     for path in inputs:

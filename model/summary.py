@@ -4,7 +4,7 @@
 
 Reads the manifest's `train` section: `pretrained` (SD1.5 folder or hub id), `image_encoder`
 (timm name or timm folder), optional `processor` / `refine` (constructor arguments of
-model.processor.Processor / model.refine.RefineLayer). Configs come from the folders when
+model.networks.processor.Processor / model.networks.refine.RefineLayer). Configs come from the folders when
 `pretrained` / `image_encoder` are local folders; otherwise SD1.5's published configs
 written below (UNet, VAE, CLIP ViT-L/14 text encoder) and timm's own architecture for the
 image encoder, created with `pretrained=False`. Everything is instantiated under
@@ -59,7 +59,7 @@ def _count(params: Iterable[nn.Parameter]) -> int:
 
 
 def _expand(section: dict[str, Any], manifest: Path) -> dict[str, Any]:
-    from pipeline.manifest import _expand as expand_vars
+    from pipeline.core.manifest import _expand as expand_vars
 
     return expand_vars(section, "train", manifest)
 
@@ -67,7 +67,7 @@ def _expand(section: dict[str, Any], manifest: Path) -> dict[str, Any]:
 def read_train_section(manifest: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest's `train` section, ${VAR}-expanded (only this section: other sections may
     name data folders that do not exist on this machine)."""
-    from pipeline.manifest import ManifestError
+    from pipeline.core.manifest import ManifestError
 
     path = Path(manifest)
     try:
@@ -94,11 +94,11 @@ def _frozen_configs(pretrained: str) -> tuple[dict[str, Any], dict[str, Any], An
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from pipeline.tiny_sd import text_encoder_config
+    from demo_fixtures.tiny_sd import text_encoder_config
 
     folder = Path(pretrained).expanduser()
     if folder.is_dir():
-        from model.sspir import resolve_sd
+        from model.networks.sspir import resolve_sd
 
         resolve_sd(str(folder))  # clear error on a half-built folder
         unet = UNet2DConditionModel.load_config(str(folder), subfolder="unet", local_files_only=True)
@@ -114,8 +114,8 @@ def build_meta(train: dict[str, Any]) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from model.image_encoder import load_image_encoder
-    from model.sspir import SSPIR
+    from model.networks.image_encoder import load_image_encoder
+    from model.networks.sspir import SSPIR
 
     unet_cfg, vae_cfg, text_cfg, source = _frozen_configs(train["pretrained"])
     with torch.device("meta"):
@@ -179,7 +179,7 @@ def release_layout_counts(unet_config: dict[str, Any], clip_width: int = 1024) -
 
 
 def _residual_channels(unet: nn.Module) -> list[int]:
-    from model.attention import controlnet_residual_layout
+    from model.networks.attention import controlnet_residual_layout
 
     return controlnet_residual_layout(unet)
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the counts as JSON")
     ap.add_argument("--no-release", action="store_true", help="skip the authors' release-layout reconstruction")
     args = ap.parse_args(argv)
-    from pipeline.manifest import ManifestError
+    from pipeline.core.manifest import ManifestError
 
     try:
         train = read_train_section(args.manifest)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from pipeline.manifest import ManifestError, load_manifest  # noqa: E402
+from pipeline.core.manifest import ManifestError, load_manifest  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
-    from model.data import BuildError
-    from model.train_config import TrainConfig
-    from model.trainer import TrainSetupError, run_training
+    from model.training.data import BuildError
+    from model.training.config import TrainConfig
+    from model.training.trainer import TrainSetupError, run_training
 
     try:
         manifest = load_manifest(args.manifest, out=args.out, check_sources=False)

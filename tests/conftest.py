@@ -66,8 +66,8 @@ def small_manifest(tmp_path: Path, photo_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny LLaVA and SD1.5-shaped models, built once per session like `make demo` does."""
-    from pipeline.tiny_llava import build_tiny_llava
-    from pipeline.tiny_sd import build_tiny_sd
+    from demo_fixtures.tiny_llava import build_tiny_llava
+    from demo_fixtures.tiny_sd import build_tiny_sd
 
     d = tmp_path_factory.mktemp("tiny")
     return {"llava": build_tiny_llava(d / "llava"), "sd15": build_tiny_sd(d / "sd15")}

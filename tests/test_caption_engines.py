@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.caption_config import CaptionConfig
-from pipeline.caption_engines import (
+from pipeline.caption.config import CaptionConfig
+from pipeline.caption.engines import (
     CaptionResult, EngineError, ServerEngine, TransformersEngine, make_engine, parse_retry_after,
     render_chat_prompt,
 )
-from pipeline.tiny_llava import build_tiny_llava
+from demo_fixtures.tiny_llava import build_tiny_llava
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))

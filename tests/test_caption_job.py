@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_script, write_manifest
-from pipeline.caption_job import run_captions
-from pipeline.degrade_job import run_degrade
-from pipeline.manifest import load_manifest
-from pipeline.shards import read_sidecar, read_table, shard_path
+from pipeline.caption.job import run_captions
+from pipeline.degrade.job import run_degrade
+from pipeline.core.manifest import load_manifest
+from pipeline.core.shards import read_sidecar, read_table, shard_path
 
 JOB = str(ROOT / "jobs" / "caption.py")
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pipeline.degrade_config import GAUSSIAN_FAMILY, RESIZE_MODES, DegradeConfig
-from pipeline.degradation import (
+from pipeline.degrade.config import GAUSSIAN_FAMILY, RESIZE_MODES, DegradeConfig
+from pipeline.degrade.ops import (
     add_noise,
     apply_kernel,
     crop_gt,
@@ -24,14 +24,14 @@ from pipeline.degradation import (
     prepare_gt,
     usm_sharpen,
 )
-from pipeline.kernels import (
+from pipeline.degrade.kernels import (
     gaussian_family_kernel,
     kernel_from_params,
     pad_kernel,
     sigma_matrix,
     sinc_kernel,
 )
-from pipeline.recipe import (
+from pipeline.degrade.recipe import (
     FINAL_ORDERS,
     recipe_from_json,
     recipe_to_json,

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, job_env, run_script, write_manifest
-from pipeline.degrade_job import run_degrade
-from pipeline.manifest import load_manifest
-from pipeline.shards import read_sidecar, shard_path
+from pipeline.degrade.job import run_degrade
+from pipeline.core.manifest import load_manifest
+from pipeline.core.shards import read_sidecar, shard_path
 
 JOB = str(ROOT / "jobs" / "degrade.py")
 
@@ -91,9 +91,9 @@ def test_sigkill_midway_then_rerun_gives_uninterrupted_result(tmp_path: Path, ph
 def test_read_back_with_datasets_and_regenerate_from_recipe(tmp_path: Path, photo_dir: Path) -> None:
     import datasets
 
-    from pipeline.degradation import degrade_gt, prepare_gt
-    from pipeline.image_io import decode_png, load_source
-    from pipeline.recipe import recipe_from_json
+    from pipeline.degrade.ops import degrade_gt, prepare_gt
+    from pipeline.core.image_io import decode_png, load_source
+    from pipeline.degrade.recipe import recipe_from_json
 
     m = write_manifest(tmp_path / "m.json", [{"name": "sk", "root": str(photo_dir), "limit": 2}],
                        tmp_path / "out", gt_size=512, crops_per_image=2, rows_per_shard=4)
@@ -159,7 +159,7 @@ def test_full_disk_is_a_clear_error_and_keeps_nothing_partial(tmp_path: Path, ph
         assert r.returncode == 3, r.stdout + r.stderr
         assert "disk full" in r.stdout
         assert not list(mnt.rglob("*.tmp"))
-        from pipeline.shards import verify_shard
+        from pipeline.core.shards import verify_shard
         for side in (mnt / "out" / "pairs").glob("*.json"):
             assert verify_shard(side.with_suffix("")) is None
     finally:

@@ -227,7 +227,7 @@ def test_real_pyiqa_without_weights(folders: tuple[Path, Path], monkeypatch: pyt
 
 def test_clip_i_with_a_local_timm_tower(folders: tuple[Path, Path], tmp_path: Path) -> None:
     """CLIP-I runs through the same loader real weights use: here the tiny test tower."""
-    from pipeline.tiny_sd import build_image_encoder
+    from demo_fixtures.tiny_sd import build_image_encoder
 
     tower = tmp_path / "tower"
     build_image_encoder(tower)

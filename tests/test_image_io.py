@@ -1,4 +1,4 @@
-"""Tests of pipeline.image_io: every awkward source either loads sensibly or fails clearly.
+"""Tests of pipeline.core.image_io: every awkward source either loads sensibly or fails clearly.
 
 Expected pixels come from independent decoders (OpenCV, Pillow without our code) or from
 the generating arrays in tests/badfiles.py, never from image_io itself.
@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import badfiles
-from pipeline.image_io import SourceError, decode_png, encode_png, load_source
+from pipeline.core.image_io import SourceError, decode_png, encode_png, load_source
 
 MAX_PIXELS = 100_000_000
 MIN_SIDE = 64

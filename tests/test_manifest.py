@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import ManifestError, load_manifest
-from pipeline.plan import plan_shards
+from pipeline.core.manifest import ManifestError, load_manifest
+from pipeline.core.plan import plan_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 tensors train when, save/load, the CLIP image encoder's preprocessing, parameter counts,
 and that structure attention reads the ControlNet output of its own resolution.
 
-The tiny folder (pipeline.tiny_sd) has SD1.5's block layout at toy widths and is loaded
+The tiny folder (demo_fixtures.tiny_sd) has SD1.5's block layout at toy widths and is loaded
 through the same `from_pretrained` calls real weights take; nothing is mocked.
 """
 
@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from model.attention import PriorAttnProcessor, controlnet_residual_layout
-from model.image_encoder import (
+from model.networks.attention import PriorAttnProcessor, controlnet_residual_layout
+from model.networks.image_encoder import (
     OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageEncoder, load_image_encoder, resolve_image_encoder,
 )
-from model.sspir import SSPIR, ModelLayoutError
-from pipeline.tiny_sd import build_tiny_sd
+from model.networks.sspir import SSPIR, ModelLayoutError
+from demo_fixtures.tiny_sd import build_tiny_sd
 
 TINY_PROCESSOR = {"stem_channels": 8, "channels": [8, 16, 16], "feature_channels": 16}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

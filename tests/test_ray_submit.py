@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, write_manifest
-from pipeline.shards import verify_shard
+from pipeline.core.shards import verify_shard
 
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from model.restore import (RestoreSettings, Restorer, adain_color_fix, blend_weights, guided_noise, lq_tensors, main,
                            make_caption_engine, make_scheduler, plan_tiles, tiled_predictor, wavelet_color_fix)
-from model.train_config import TrainConfig
+from model.training.config import TrainConfig
 
 TINY_PROCESSOR = {"stem_channels": 8, "channels": [8, 16, 16]}
 FAST = RestoreSettings(steps=2)
@@ -28,8 +28,8 @@ FAST = RestoreSettings(steps=2)
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Path:
-    """A training run folder holding one checkpoint, written the way model/trainer.py writes it."""
-    from model.sspir import SSPIR
+    """A training run folder holding one checkpoint, written the way model/training/trainer.py writes it."""
+    from model.networks.sspir import SSPIR
 
     sd = tiny_models["sd15"]
     torch.manual_seed(0)
@@ -91,9 +91,9 @@ def test_the_same_seed_gives_the_same_output(restorer: Restorer, lq64: np.ndarra
 
 def test_one_tile_equals_the_untiled_sampler(restorer: Restorer, lq64: np.ndarray) -> None:
     """A 64² LQ with --tile 64 runs the tiled machinery with one tile; it must give exactly
-    what --tile 0 and a direct call of model.sampling.restore give."""
-    from model.sampling import restore as sample
-    from model.validation_grid import to_uint8
+    what --tile 0 and a direct call of model.inference.sampling.restore give."""
+    from model.inference.sampling import restore as sample
+    from model.training.validation import to_uint8
 
     tiled = restorer.restore(lq64, "an astronaut", RestoreSettings(steps=2, tile=64, tile_overlap=16))
     untiled = restorer.restore(lq64, "an astronaut", RestoreSettings(steps=2, tile=0))
@@ -158,7 +158,7 @@ def test_static_priors_are_computed_once_per_tile_not_per_step(restorer: Restore
 def test_cached_priors_predict_what_the_plain_forward_predicts(restorer: Restorer, lq64: np.ndarray) -> None:
     """guided_noise with precomputed static priors == the model's training forward on the
     CFG batch (which computes the Processor and CLIP priors itself)."""
-    from model.sampling import uncond_like
+    from model.inference.sampling import uncond_like
 
     model = restorer.model
     lq, lq_up = lq_tensors(lq64, "cpu")
@@ -177,7 +177,7 @@ def test_cached_priors_predict_what_the_plain_forward_predicts(restorer: Restore
 
 
 def test_a_prior_cache_over_budget_recomputes_and_gives_the_same_result(restorer: Restorer, photo_dir: Path) -> None:
-    from model.sampling import restore as sample
+    from model.inference.sampling import restore as sample
 
     lq, lq_up = lq_tensors(photo(photo_dir, "chelsea.png", (96, 80)), "cpu")
     sched = make_scheduler(restorer.model.noise_scheduler.config, "ddpm")
@@ -205,7 +205,7 @@ def _captured_text(restorer: Restorer, lq: np.ndarray, prompt: str) -> torch.Ten
 
 
 def test_prompt_reaches_the_text_encoder(restorer: Restorer, photo_dir: Path, tiny_models: dict[str, Path]) -> None:
-    from pipeline.text_embed import encode_captions, load_text_encoder
+    from pipeline.embed.encoder import encode_captions, load_text_encoder
 
     lq = photo(photo_dir, "rocket.jpg", (64, 64))
     engine = make_caption_engine("transformers", str(tiny_models["llava"]), None, 8)

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.index import rebuild_index
-from pipeline.shards import (ShardWriter, atomic_write_json, read_table, sha256_file, shard_path,
+from pipeline.core.index import rebuild_index
+from pipeline.core.shards import (ShardWriter, atomic_write_json, read_table, sha256_file, shard_path,
                              sidecar_path, verify_shard)
 
 SCHEMA = pa.schema([("key", pa.string()), ("blob", pa.binary()),

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from conftest import run_script, write_manifest
-from pipeline.shards import read_table, shard_path, verify_shard
+from pipeline.core.shards import read_table, shard_path, verify_shard
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:

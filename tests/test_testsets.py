@@ -1,7 +1,7 @@
 """Test-set manifests and jobs: DIV2K-Val / LSDIR-Val (degraded builds exported as PNG
 folders) and RealSR / DRealSR (real pairs, centre-cropped).
 
-The library (pipeline/paired_testset.py, pipeline/testset_export.py) is called in-process;
+The library (pipeline/testsets/paired.py, pipeline/testsets/export.py) is called in-process;
 the thin CLIs (jobs/paired_testset.py, jobs/export_testset.py) are run as a user runs them,
 for their exit codes and messages."""
 
@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import skimage.data
 
-from pipeline.degrade_job import run_degrade
-from pipeline.image_io import decode_png
-from pipeline.manifest import ManifestError, load_manifest
-from pipeline.paired_testset import build_paired_testset, pair_files, paired_config
-from pipeline.plan import plan_rows
-from pipeline.shards import read_table, sidecar_path
-from pipeline.testset_export import pair_name
+from pipeline.degrade.job import run_degrade
+from pipeline.core.image_io import decode_png
+from pipeline.core.manifest import ManifestError, load_manifest
+from pipeline.testsets.paired import build_paired_testset, pair_files, paired_config
+from pipeline.core.plan import plan_rows
+from pipeline.core.shards import read_table, sidecar_path
+from pipeline.testsets.export import pair_name
 from conftest import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,16 +21,16 @@ import pytest
 import torch
 
 from conftest import ROOT
-from pipeline.embed_config import EmbedConfig
-from pipeline.embed_worker import (
+from pipeline.embed.config import EmbedConfig
+from pipeline.embed.worker import (
     MissingCaptionsError, build_embed_shard, empty_prompt_path, ensure_empty_prompt, text_emb_schema,
 )
-from pipeline.shards import ShardWriter, atomic_write_json, read_sidecar, read_table, shard_path, sidecar_path
-from pipeline.text_embed import (
+from pipeline.core.shards import ShardWriter, atomic_write_json, read_sidecar, read_table, shard_path, sidecar_path
+from pipeline.embed.encoder import (
     CHUNK_LENGTH, ModelNotFoundError, chunk_ids, empty_prompt_embedding, encode_captions, load_text_encoder,
     model_identity, tokenize,
 )
-from pipeline.tiny_sd import BOS_ID, EOS_ID, VOCAB_SIZE, build_clip_tokenizer, build_tiny_sd
+from demo_fixtures.tiny_sd import BOS_ID, EOS_ID, VOCAB_SIZE, build_clip_tokenizer, build_tiny_sd
 
 sys.path.insert(0, str(ROOT / "jobs"))
 import embed as embed_cli  # noqa: E402  (jobs/embed.py, called in-process)
@@ -474,7 +474,7 @@ def test_empty_prompt_written_once(tmp_path: Path, tiny_sd: Path, te: tuple) -> 
 
 def test_all_skips_unfinished_captions_shard_and_lock_is_exclusive(tmp_path: Path, tiny_sd: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.shards import build_lock
+    from pipeline.core.shards import build_lock
 
     out = tmp_path / "out"
     write_captions(out, 0, [("a", "cat", "ok"), ("b", "a dog on a sofa", "ok")])

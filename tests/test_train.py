@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from conftest import ROOT, write_manifest
-from model.losses import sspir_loss
-from model.train_config import TrainConfig
-from model.trainer import TrainSetupError, run_training
-from pipeline.caption_job import run_captions
-from pipeline.degrade_job import run_degrade
-from pipeline.embed_worker import run_embed
-from pipeline.manifest import load_manifest
+from model.training.losses import sspir_loss
+from model.training.config import TrainConfig
+from model.training.trainer import TrainSetupError, run_training
+from pipeline.caption.job import run_captions
+from pipeline.degrade.job import run_degrade
+from pipeline.embed.worker import run_embed
+from pipeline.core.manifest import load_manifest
 
 TINY_PROCESSOR = {"stem_channels": 8, "channels": [8, 16, 16]}
 
@@ -70,8 +70,8 @@ def test_loss_terms_match_a_direct_computation() -> None:
 
 
 def test_overfits_a_fixed_batch(build) -> None:
-    from model.data import ShardedPairs, collate, load_empty_prompt
-    from model.sspir import SSPIR
+    from model.training.data import ShardedPairs, collate, load_empty_prompt
+    from model.networks.sspir import SSPIR
 
     _, out, cfg = build
     torch.manual_seed(0)
@@ -120,7 +120,7 @@ def test_resume_continues_exactly(build, tmp_path: Path) -> None:
 
 
 def test_refuses_incomplete_build_missing_model_and_existing_run(build, tmp_path: Path) -> None:
-    from model.data import BuildError
+    from model.training.data import BuildError
 
     _, out, cfg = build
     broken = tmp_path / "broken"

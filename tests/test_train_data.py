@@ -1,4 +1,4 @@
-"""The trainer's data path (model/data.py) on a real small build.
+"""The trainer's data path (model/training/data.py) on a real small build.
 
 The build is made once for the module through the real stages: serial degrade (4
 photos × 3 crops at 128², 4 rows per shard → 3 shards), captions from the tiny random
@@ -20,15 +20,15 @@ import pytest
 import torch
 
 from conftest import write_manifest
-from model.data import (
+from model.training.data import (
     BuildError, EpochSampler, ShardedPairs, collate, default_num_workers, make_loader, verify_build,
 )
-from pipeline.caption_job import run_captions
-from pipeline.degrade_job import run_degrade
-from pipeline.embed_worker import run_embed
-from pipeline.image_io import decode_png
-from pipeline.manifest import load_manifest
-from pipeline.shards import ShardWriter, atomic_write_json, read_sidecar, read_table, shard_path, sidecar_path, \
+from pipeline.caption.job import run_captions
+from pipeline.degrade.job import run_degrade
+from pipeline.embed.worker import run_embed
+from pipeline.core.image_io import decode_png
+from pipeline.core.manifest import load_manifest
+from pipeline.core.shards import ShardWriter, atomic_write_json, read_sidecar, read_table, shard_path, sidecar_path, \
     verify_shard
 
 WORDS = ("a weathered stone bridge crosses a slow green river under a pale morning sky while two "
@@ -149,7 +149,7 @@ def test_refuses_missing_empty_prompt(copy: Path) -> None:
 
 
 def _stored(build: Path) -> list[dict]:
-    """Every row as stored, read independently of model.data (Python lists, pipeline's PNG decoder)."""
+    """Every row as stored, read independently of model.training.data (Python lists, pipeline's PNG decoder)."""
     rows = []
     for s in range(3):
         pairs = read_table(shard_path(build, "pairs", s)).to_pydict()
@@ -399,7 +399,7 @@ def test_batch_fetch_equals_items_and_is_not_copied_again(build: Path) -> None:
 
 
 def test_uint8_images_convert_to_exactly_the_float_batch(build: Path) -> None:
-    from model.data import images_to_float
+    from model.training.data import images_to_float
 
     floats = _batches(make_loader(build, 4, seed=8, num_workers=0, max_batches=3), 10)  # float32 by default
     raw = _batches(make_loader(build, 4, seed=8, num_workers=2, max_batches=3, image_dtype=torch.uint8), 10)

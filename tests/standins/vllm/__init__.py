@@ -1,7 +1,7 @@
 """A STAND-IN for the ``vllm`` package, not vLLM.
 
 It implements the small part of vLLM's documented offline API that
-``pipeline.caption_engines.VllmEngine`` uses — ``LLM(model=..., limit_mm_per_prompt=...,
+``pipeline.caption.engines.VllmEngine`` uses — ``LLM(model=..., limit_mm_per_prompt=...,
 max_model_len=...)``, ``LLM.generate(prompts, SamplingParams(temperature=..., max_tokens=...))``
 with prompts ``{"prompt": str, "multi_modal_data": {"image": PIL.Image}}``, and outputs with
 ``.outputs[0].text`` — on top of a (tiny) LLaVA through transformers, so that the engine can
