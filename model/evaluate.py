@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from pipeline.core.manifest import IMAGE_SUFFIXES  # noqa: E402
+from pipeline.core.image_io import IMAGE_SUFFIXES  # noqa: E402
 
 PYIQA_VERSION = "0.1.16"  # the version whose weight files are listed below
 PYIQA_HF = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/"

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
 import cv2  # noqa: E402
+from pipeline.core.image_io import IMAGE_SUFFIXES  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -53,7 +54,6 @@ SCALE = 4  # SSP-IR restores ×4 (LQ 128² → 512² at training)
 LRE_TIMESTEP = 999
 SCHEDULERS = ("ddpm", "dpm")
 COLOR_FIXES = ("none", "adain", "wavelet")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MAX_LQ_PIXELS = 4096 * 4096  # a 16K² output; larger inputs are refused by name, not OOM-killed
 
 

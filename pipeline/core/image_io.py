@@ -37,7 +37,12 @@ import cv2
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["SourceError", "load_source", "encode_png", "decode_png"]
+__all__ = ["IMAGE_SUFFIXES", "SourceError", "load_source", "encode_png", "decode_png"]
+
+# The file suffixes every folder reader of the project (sources, test sets, restoration
+# inputs, evaluation folders) treats as images: one list, so a file one command accepts is
+# never skipped by another.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _REMEDY = "re-export or remove it"

@@ -18,8 +18,8 @@ from typing import Any
 from pipeline.caption.config import CaptionConfig
 from pipeline.degrade.config import DegradeConfig
 from pipeline.embed.config import EmbedConfig
+from pipeline.core.image_io import IMAGE_SUFFIXES  # noqa: F401  (re-exported for source listing)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 TOP_LEVEL_KEYS = {
     "name": str,
     "description": str,

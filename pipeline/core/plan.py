@@ -12,7 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline.core.manifest import IMAGE_SUFFIXES, Manifest, ManifestError, Source
+from pipeline.core.image_io import IMAGE_SUFFIXES
+from pipeline.core.manifest import Manifest, ManifestError, Source
 
 
 @dataclasses.dataclass(frozen=True)

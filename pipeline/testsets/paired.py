@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.image_io import SourceError, encode_png, load_source
-from pipeline.core.manifest import IMAGE_SUFFIXES, Manifest, ManifestError
+from pipeline.core.image_io import IMAGE_SUFFIXES
+from pipeline.core.manifest import Manifest, ManifestError
 from pipeline.testsets.folders import PairFolderWriter
 
 PAIRED_KEYS: dict[str, type] = {
