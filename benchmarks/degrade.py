@@ -6,7 +6,7 @@
 One run measures, on the 15 photographs bundled with scikit-image (jobs/prepare_demo.py):
   1. ours on one core: ms per pair for decode, sampling, prepare_gt (USM), degrade_gt,
      encoding, and a stage-by-stage breakdown;
-  2. the real job (pipeline.degrade.job.run_degrade): serial, Ray 1 worker, Ray 2 workers,
+  2. the real job (pipeline.degrade.stage.run_degrade): serial, Ray 1 worker, Ray 2 workers,
      pairs/s and peak RSS per worker, plus peak RSS over N and 2N images;
   3. BasicSR 1.4.2's own pipeline (benchmarks/basicsr_pipeline.py) on the same crops;
   4. output statistics: PSNR of the bicubic-upsampled LQ against the stored HQ;
@@ -285,7 +285,7 @@ def recipe_digest(r: dict[str, Any]) -> str:
 
 def run_job(manifest_path: Path, out: Path, distributor: str, workers: int | None) -> tuple[Any, float]:
     """One run_degrade on a fresh output root; returns (JobResult, wall seconds)."""
-    from pipeline.degrade.job import run_degrade
+    from pipeline.degrade.stage import run_degrade
     from pipeline.core.manifest import load_manifest
 
     shutil.rmtree(out, ignore_errors=True)
@@ -321,7 +321,7 @@ def _warm_ray_workers(n: int) -> list[int]:
         import os as _os
         import time as _time
 
-        import pipeline.degrade.worker  # noqa: F401  (cv2, scipy, pyarrow: the worker's imports)
+        import pipeline.degrade.stage  # noqa: F401  (cv2, scipy, pyarrow: the stage's imports)
 
         _time.sleep(hold_s)
         return _os.getpid()
@@ -365,7 +365,7 @@ def bench_ray(manifest_path: Path, work: Path, workers: int) -> dict[str, Any]:
     t2 = time.perf_counter()
     settle = wait_until_quiet()  # Ray's agents finish starting up before the clock runs
     out = work / f"job-ray{workers}"
-    result, wall = run_job(manifest_path, out, "ray", workers)
+    result, wall = run_job(manifest_path, out, "tasks", workers)
     memory = ray_worker_memory()
     ray.shutdown()
     task_workers = [m for m in memory if m["pid"] in baseline]

@@ -13,7 +13,7 @@ is a random `CLIPTextModel` with SD1.5's configuration built in memory (no downl
 the numbers are those of the real architecture, not of real weights.
 
 Measured, within one run: tokenization alone; `encode_captions` alone; the whole stage
-(`build_embed_shard`: captions shard → committed text_emb shard + sidecar); a rerun with
+(`EmbedStage` through `run_stage`: captions shard → committed text_emb shard + sidecar); a rerun with
 nothing changed; a rerun with 2 captions changed. Results go to a table on stdout and to
 --out (default bench-out/embed.json; runs of other sizes already there are kept).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import io
 import os
 import platform
 import random
@@ -39,7 +40,8 @@ import pyarrow as pa  # noqa: E402
 
 from bench_common import busy_cores, fmt_num, render_table  # noqa: E402
 from pipeline.embed.config import EmbedConfig  # noqa: E402
-from pipeline.embed.worker import build_embed_shard  # noqa: E402
+from pipeline.core.stage import run_stage  # noqa: E402
+from pipeline.embed.stage import EmbedStage  # noqa: E402
 from pipeline.core.shards import ShardWriter, atomic_write_json, read_sidecar, shard_path, sidecar_path  # noqa: E402
 from pipeline.embed.encoder import (  # noqa: E402
     CHUNK_LENGTH, encode_captions, load_text_encoder, quiet_transformers, tokenize,
@@ -145,24 +147,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out = work / "out"
         write_captions(out, captions)
         cfg = EmbedConfig(model=folder, max_chunks=args.max_chunks, batch_size=args.batch_size)
+        def embed(force: bool = False):  # the stage as jobs/embed.py runs it, encoder already loaded
+            stage = EmbedStage(out, cfg, force=force, tokenizer=tokenizer, encoder=encoder, identity=ident)
+            return run_stage(stage, [0], show_progress=False, log=io.StringIO())
+
         stage_times = []
         for _ in range(args.repeat):  # force: every repeat encodes and commits the whole shard
             t0 = time.perf_counter()
-            build_embed_shard(0, out, cfg, tokenizer, encoder, identity=ident, force=True)
+            embed(force=True)
             stage_times.append(time.perf_counter() - t0)
         stage_s = float(np.median(stage_times))
         arrow = shard_path(out, "text_emb", 0)
         side = read_sidecar(arrow)
 
         t0 = time.perf_counter()
-        noop = build_embed_shard(0, out, cfg, tokenizer, encoder, identity=ident)
+        noop = embed()
         noop_s = time.perf_counter() - t0
         changed = list(captions)
         changed[1] += " edited by hand"
         changed[len(changed) // 2] = "a sharp photo of a red bicycle"
         write_captions(out, changed)
         t0 = time.perf_counter()
-        two = build_embed_shard(0, out, cfg, tokenizer, encoder, identity=ident)
+        two = embed()
         two_s = time.perf_counter() - t0
 
         n = len(captions)
@@ -192,9 +198,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "bytes_per_row": round(side["bytes"] / n, 1),
             "hidden_bytes_per_row": round(chunks * CHUNK_LENGTH * width * 2 / n, 1),
             "padding_waste": side["padding_waste"],
-            "rerun_noop_seconds": round(noop_s, 3), "rerun_noop_skipped": noop["skipped"],
+            "rerun_noop_seconds": round(noop_s, 3), "rerun_noop_skipped": noop.shards_skipped == 1,
             "rerun_two_changed_seconds": round(two_s, 3),
-            "rerun_two_changed_encoded": two["encoded"], "rerun_two_changed_reused": two["reused"],
+            "rerun_two_changed_encoded": two.counts["encoded"], "rerun_two_changed_reused": two.counts["reused"],
             "host": platform.node(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda_device": torch.cuda.get_device_name(0) if param.device.type == "cuda" else None,
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -77,7 +77,7 @@ def _run(*args: str) -> None:
 def prepare(work: Path, rows: int, hidden: int) -> Path:
     """A small real build at 512² through the real jobs (run in a subprocess of the benchmark,
     so the measuring process imports neither transformers nor Ray)."""
-    from pipeline.core.shards import read_table, shard_path
+    from pipeline.core.shards import read_table, shard_files, shard_path
     from demo_fixtures.tiny_llava import build_tiny_llava
     from demo_fixtures.tiny_sd import build_tiny_sd
 
@@ -109,8 +109,7 @@ def prepare(work: Path, rows: int, hidden: int) -> Path:
     _run("jobs/degrade.py", "--manifest", m, "--serial", "--no-progress")
     rng = random.Random(0)
     shares = [s for s, _, _ in LENGTH_MIX]
-    for arrow in sorted((out / "pairs").glob("shard-*.arrow")):
-        shard = int(arrow.name[6:11])
+    for shard, _ in shard_files(out, "pairs"):
         ov = work / f"overrides-{shard:05d}.jsonl"
         with ov.open("w") as f:
             for key in read_table(shard_path(out, "pairs", shard)).column("key").to_pylist():
@@ -262,9 +261,9 @@ def run_loader(build: Path, workers: int, batch: int, seconds: float, warmup: fl
 def build_info(build: Path) -> dict[str, Any]:
     from collections import Counter
 
-    from pipeline.core.shards import read_sidecar, read_table, shard_path
+    from pipeline.core.shards import read_sidecar, read_table, shard_files, shard_path
 
-    ids = sorted(int(p.name[6:11]) for p in (build / "pairs").glob("shard-*.arrow"))
+    ids = [s for s, _ in shard_files(build, "pairs")]
     chunks: Counter = Counter()
     width = None
     png = []

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_script, write_manifest
-from pipeline.caption.job import run_captions
-from pipeline.degrade.job import run_degrade
+from pipeline.caption.stage import run_captions
+from pipeline.degrade.stage import run_degrade
 from pipeline.core.manifest import load_manifest
 from pipeline.core.shards import read_sidecar, read_table, shard_path
 
@@ -61,7 +61,7 @@ def test_shard_end_to_end_and_rerun_is_noop(build) -> None:
     assert side["pairs_sha256"] == read_sidecar(shard_path(out, "pairs", 1))["sha256"]
     before = shard_path(out, "captions", 1).stat().st_mtime_ns
     r = _cli("--manifest", str(m), "--shard", "1")
-    assert r.returncode == 0 and "1 unchanged" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "1 already complete" in r.stdout, r.stdout + r.stderr
     assert shard_path(out, "captions", 1).stat().st_mtime_ns == before
 
 
@@ -112,7 +112,7 @@ def test_server_engine_faults_then_rerun_fills_failed_rows(build, tiny_models: d
         # the second fails once (retried to success).
         server.set_faults(faults_by_arrival={0: Fault("503"), 1: Fault("drop", times=1), 2: Fault("malformed")})
         res = run_captions(out, cfg, 0, {}, show_progress=False)
-        assert res.exit_code == 1 and res.failed == 2
+        assert res.exit_code == 1 and res.rows_failed == 2
         caps = _captions(out, 0)
         assert caps["key"] == read_table(shard_path(out, "pairs", 0)).column("key").to_pylist()
         assert sorted(caps["status"]) == ["failed", "failed", "ok"]
@@ -122,7 +122,7 @@ def test_server_engine_faults_then_rerun_fills_failed_rows(build, tiny_models: d
         n_requests = len(server.records)
         server.set_faults()
         res = run_captions(out, cfg, 0, {}, show_progress=False)
-        assert res.exit_code == 0 and res.captioned == 2
+        assert res.exit_code == 0 and res.counts["captioned"] == 2
         assert len(server.records) - n_requests == 2  # only the failed rows were asked again
     caps = _captions(out, 0)
     assert caps["status"] == ["ok"] * 3
@@ -134,7 +134,7 @@ def test_all_shards_on_ray_actors_match_single_shard_runs(build) -> None:
     out = manifest.output
     r = _cli("--manifest", str(m), "--all", "--actors", "2")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "3 shards on 2 actor(s)" in r.stderr
+    assert "3 to build (8 captions) on 2 actor(s)" in r.stderr
     index = json.loads((out / "index.json").read_text())
     assert index["stages"]["captions"]["rows"] == 8
     actor_made = {s: _captions(out, s) for s in range(3)}

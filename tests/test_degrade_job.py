@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, job_env, run_script, write_manifest
-from pipeline.degrade.job import run_degrade
+from pipeline.degrade.stage import run_degrade
 from pipeline.core.manifest import load_manifest
 from pipeline.core.shards import read_sidecar, shard_path
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from pipeline.degrade.job import run_degrade
+from pipeline.degrade.stage import run_degrade
 from pipeline.core.image_io import decode_png
 from pipeline.core.manifest import ManifestError, load_manifest
 from pipeline.testsets.paired import build_paired_testset, pair_files, paired_config

@@ -22,9 +22,9 @@ import torch
 
 from conftest import ROOT
 from pipeline.embed.config import EmbedConfig
-from pipeline.embed.worker import (
-    MissingCaptionsError, build_embed_shard, empty_prompt_path, ensure_empty_prompt, text_emb_schema,
-)
+from pipeline.core.stage import StageInputError, run_stage
+from pipeline.embed.encoder import empty_prompt_path
+from pipeline.embed.stage import EmbedStage, ensure_empty_prompt, text_emb_schema
 from pipeline.core.shards import ShardWriter, atomic_write_json, read_sidecar, read_table, shard_path, sidecar_path
 from pipeline.embed.encoder import (
     CHUNK_LENGTH, ModelNotFoundError, chunk_ids, empty_prompt_embedding, encode_captions, load_text_encoder,
@@ -153,6 +153,11 @@ def embedded(tmp_path_factory: pytest.TempPathFactory, tiny_sd: Path) -> dict:
     manifest = write_manifest(root / "m.json", out, tiny_sd)
     assert embed_cli.main(["--manifest", str(manifest), "--shard", "0", "--no-progress"]) == 0
     return {"out": out, "rows": rows, "manifest": manifest, "arrow": shard_path(out, "text_emb", 0)}
+
+
+def embed_one(out: Path, shard: int, cfg: EmbedConfig, tokenizer, encoder):
+    """One shard through the stage framework, with an encoder already loaded."""
+    return run_stage(EmbedStage(out, cfg, tokenizer=tokenizer, encoder=encoder), [shard], show_progress=False)
 
 
 def _direct(encoder, chunks: np.ndarray) -> np.ndarray:
@@ -380,14 +385,14 @@ def test_rerun_is_noop_and_changed_captions_reencode_only_them(tmp_path: Path, t
     capsys.readouterr()
 
     assert embed_cli.main(["--manifest", str(manifest), "--all", "--no-progress"]) == 0
-    assert "0 built, 2 already current" in capsys.readouterr().out
+    assert "0 built, 2 already complete" in capsys.readouterr().out
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted((out / "text_emb").iterdir())} == before
 
     changed = {4: "a grey stone bridge over a river at night", 30: _words(130, 99)}
     rows2 = [(k, changed.get(i, c), "override" if i in changed else s) for i, (k, c, s) in enumerate(rows)]
     write_captions(out, 0, rows2)
     assert embed_cli.main(["--manifest", str(manifest), "--shard", "0", "--no-progress"]) == 0
-    assert "1 built, 0 already current" in capsys.readouterr().out
+    assert "1 built, 0 already complete" in capsys.readouterr().out
     side = read_sidecar(shard_path(out, "text_emb", 0))
     assert (side["counts"]["encoded"], side["counts"]["reused"], side["counts"]["override_captions"]) == (2, 38, 3)
     new = read_table(shard_path(out, "text_emb", 0))
@@ -411,14 +416,14 @@ def test_config_change_rebuilds_everything(tmp_path: Path, tiny_sd: Path, te: tu
     tokenizer, encoder = te
     out = tmp_path / "out"
     write_captions(out, 0, [("a", "cat " * 200, "ok"), ("b", "dog", "ok")])
-    r4 = build_embed_shard(0, out, EmbedConfig(model=str(tiny_sd), max_chunks=4), tokenizer, encoder)
+    r4 = embed_one(out, 0, EmbedConfig(model=str(tiny_sd), max_chunks=4), tokenizer, encoder)
     arrow = shard_path(out, "text_emb", 0)
     stamp = (arrow.stat().st_mtime_ns, sidecar_path(arrow).stat().st_mtime_ns)
-    again = build_embed_shard(0, out, EmbedConfig(model=str(tiny_sd), max_chunks=4, batch_size=7), tokenizer, encoder)
-    assert again["skipped"] and again["encoded"] == 0  # batch size does not change the output
+    again = embed_one(out, 0, EmbedConfig(model=str(tiny_sd), max_chunks=4, batch_size=7), tokenizer, encoder)
+    assert again.shards_skipped == 1 and "encoded" not in again.counts  # batch size does not change the output
     assert (arrow.stat().st_mtime_ns, sidecar_path(arrow).stat().st_mtime_ns) == stamp
-    r2 = build_embed_shard(0, out, EmbedConfig(model=str(tiny_sd), max_chunks=2), tokenizer, encoder)
-    assert (r4["encoded"], r2["encoded"], r2["reused"]) == (2, 2, 0)
+    r2 = embed_one(out, 0, EmbedConfig(model=str(tiny_sd), max_chunks=2), tokenizer, encoder)
+    assert (r4.counts["encoded"], r2.counts["encoded"], r2.counts["reused"]) == (2, 2, 0)
     table = read_table(shard_path(out, "text_emb", 0))
     assert table.column("num_chunks").to_pylist() == [2, 1]
     assert table.column("truncated_tokens").to_pylist() == [50, 0]
@@ -447,12 +452,12 @@ def test_missing_or_incomplete_captions_shard(tmp_path: Path, tiny_sd: Path, te:
     tokenizer, encoder = te
     out = tmp_path / "out"
     cfg = EmbedConfig(model=str(tiny_sd))
-    with pytest.raises(MissingCaptionsError, match=r"captions shard 2 does not exist"):
-        build_embed_shard(2, out, cfg, tokenizer, encoder)
+    with pytest.raises(StageInputError, match=r"captions shard 2 does not exist"):
+        embed_one(out, 2, cfg, tokenizer, encoder)
     arrow = write_captions(out, 2, [("a", "cat", "ok"), ("b", "dog", "ok")])
     arrow.write_bytes(arrow.read_bytes()[:-9])  # torn file: sidecar no longer matches
-    with pytest.raises(MissingCaptionsError, match=r"not complete"):
-        build_embed_shard(2, out, cfg, tokenizer, encoder)
+    with pytest.raises(StageInputError, match=r"not complete"):
+        embed_one(out, 2, cfg, tokenizer, encoder)
     assert not shard_path(out, "text_emb", 2).exists()
     # the real entry point, in a fresh interpreter: exit status 2 and a message
     manifest = write_manifest(tmp_path / "m.json", out, tiny_sd)

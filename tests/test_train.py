@@ -21,9 +21,9 @@ from conftest import ROOT, write_manifest
 from model.training.losses import sspir_loss
 from model.training.config import TrainConfig
 from model.training.trainer import TrainSetupError, run_training
-from pipeline.caption.job import run_captions
-from pipeline.degrade.job import run_degrade
-from pipeline.embed.worker import run_embed
+from pipeline.caption.stage import run_captions
+from pipeline.degrade.stage import run_degrade
+from pipeline.embed.stage import run_embed
 from pipeline.core.manifest import load_manifest
 
 TINY_PROCESSOR = {"stem_channels": 8, "channels": [8, 16, 16]}

@@ -23,9 +23,9 @@ from conftest import write_manifest
 from model.training.data import (
     BuildError, EpochSampler, ShardedPairs, collate, default_num_workers, make_loader, verify_build,
 )
-from pipeline.caption.job import run_captions
-from pipeline.degrade.job import run_degrade
-from pipeline.embed.worker import run_embed
+from pipeline.caption.stage import run_captions
+from pipeline.degrade.stage import run_degrade
+from pipeline.embed.stage import run_embed
 from pipeline.core.image_io import decode_png
 from pipeline.core.manifest import load_manifest
 from pipeline.core.shards import ShardWriter, atomic_write_json, read_sidecar, read_table, shard_path, sidecar_path, \

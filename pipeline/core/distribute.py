@@ -1,8 +1,15 @@
-"""Distributors: run one worker call per shard, serially or as Ray tasks.
+"""Distributors: where a stage's shards are built — this process, Ray tasks, or Ray actors.
 
-Both report the same way — a summary per finished shard and a running count of rows
-for the progress bar — so the driver does not care where the work ran. Ray is
-imported lazily: planning, tests of the worker and the serial path do not need it.
+All three call the same `pipeline.core.stage.build_shard`, yield one small summary per
+finished shard (or ``{"error": ...}``) and feed one progress bar, so the driver does not
+care where the work ran. Ray is imported lazily: planning, tests of a stage's operation
+and the serial path do not need it.
+
+* tasks: one Ray task per shard, for stateless stages (degradation): small arguments,
+  small return values, retried when a worker process dies.
+* actors: a `ray.util.ActorPool` of long-lived actors, each holding the stage with its
+  model loaded once (a 7B captioner takes minutes to load, longer than a shard takes to
+  caption), one per GPU where the cluster has GPUs.
 """
 
 from __future__ import annotations
@@ -10,11 +17,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-WorkFn = Callable[..., dict[str, Any]]
+from pipeline.core.stage import ShardWork, Stage, StageInputError, build_shard
 
 
 class ShardTaskError(RuntimeError):
@@ -23,32 +30,41 @@ class ShardTaskError(RuntimeError):
         self.shard = shard
 
 
-def _bar(total_rows: int, total_shards: int, desc: str) -> tqdm:
-    return tqdm(total=total_rows, unit="pair", desc=desc, dynamic_ncols=True,
+def progress_bar(total: int | None, unit: str, desc: str, show: bool) -> tqdm | None:
+    if not show:
+        return None
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True,
                 mininterval=0.5 if sys.stderr.isatty() else 5.0, smoothing=0.1)
 
 
-def run_serial(items: Sequence[Any], work: WorkFn, rows_of: Callable[[Any], int], desc: str,
-               show_progress: bool = True, **kwargs: Any) -> Iterable[dict[str, Any]]:
-    """Run in this process (benchmarks of one core, debugging with pdb)."""
-    bar = _bar(sum(rows_of(i) for i in items), len(items), desc) if show_progress else None
-    done = 0
+def _error(work: ShardWork, e: BaseException) -> dict[str, Any]:
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    return {"error": ShardTaskError(work.shard, f"{type(cause).__name__}: {text[-1] if text else ''}")}
+
+
+def run_serial(stage: Stage, todo: Sequence[ShardWork], show_progress: bool = True) -> Iterator[dict[str, Any]]:
+    """Build in this process: `--shard N`, benchmarks of one core, debugging with pdb."""
+    bar = progress_bar(sum(w.rows for w in todo), stage.unit, stage.name, show_progress)
+    stage.open()
     try:
-        for item in items:
+        for done, work in enumerate(todo, 1):
             try:
-                result = work(item, progress=bar.update if bar else None, **kwargs)
+                result = build_shard(stage, work, progress=bar.update if bar else None)
+            except (*stage.fatal_errors, StageInputError):  # nothing more can succeed here: exit 2/3 with why
+                raise
             except Exception as e:  # reported like a failed Ray task; the other shards go on
-                result = {"error": ShardTaskError(getattr(item, "shard", -1), f"{type(e).__name__}: {e}")}
-            done += 1
+                result = _error(work, e)
             if bar is not None:
-                bar.set_postfix_str(f"shards {done}/{len(items)}")
+                bar.set_postfix_str(f"shards {done}/{len(todo)}")
             yield result
     finally:
+        stage.close()
         if bar is not None:
             bar.close()
 
 
-def init_ray(workers: int | None) -> None:
+def init_ray(workers: int | None = None) -> None:
     """Join the cluster a submitted job runs in, or start a private local one."""
     import ray
 
@@ -68,8 +84,14 @@ def init_ray(workers: int | None) -> None:
              object_store_memory=80 * 1024 * 1024, logging_level="WARNING", log_to_driver=True)
 
 
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
 def _counter() -> Any:
-    """A tiny actor the tasks add finished rows to, so the bar moves inside a shard."""
+    """A tiny actor the workers add finished rows to, so the bar moves inside a shard."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -86,58 +108,12 @@ def _counter() -> Any:
     return Counter.remote()
 
 
-def _error(item: Any, e: BaseException) -> dict[str, Any]:
-    cause = getattr(e, "cause", None) or e
-    text = str(cause).strip().splitlines()
-    return {"error": ShardTaskError(_shard_id(item), f"{type(cause).__name__}: {text[-1] if text else ''}")}
+def _report(counter: Any) -> Any:
+    return lambda k: counter.add.remote(k)
 
 
-def _shard_id(item: Any) -> int:
-    return item if isinstance(item, int) else getattr(item, "shard", -1)
-
-
-def _drain(pending: dict[Any, Any], counter: Any, total_rows: int | None, n_items: int, desc: str,
-           show_progress: bool, unit: str, resubmit: Callable[[Any], tuple[Any, Any] | None] | None = None,
-           ) -> Iterable[dict[str, Any]]:
-    """Yield results as they finish, keeping the progress bar fed from `counter`.
-
-    `resubmit(ref)` may hand the finished slot new work (an actor taking the next shard).
-    """
-    import ray
-
-    bar = tqdm(total=total_rows, unit=unit, desc=desc, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 5.0, smoothing=0.1) if show_progress else None
-    done = 0
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            if bar is not None:
-                bar.n = ray.get(counter.get.remote())
-                bar.refresh()
-            for ref in ready:
-                item = pending.pop(ref)
-                done += 1
-                if bar is not None:
-                    bar.set_postfix_str(f"shards {done}/{n_items}")
-                if resubmit is not None:
-                    nxt = resubmit(ref)
-                    if nxt is not None:
-                        pending[nxt[0]] = nxt[1]
-                try:
-                    yield ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    yield _error(item, e)
-    finally:
-        if bar is not None:
-            bar.n = ray.get(counter.get.remote())
-            bar.close()
-        for ref in pending:
-            ray.cancel(ref, force=True)
-
-
-def run_ray(items: Sequence[Any], work: WorkFn, rows_of: Callable[[Any], int], desc: str,
-            workers: int | None = None, show_progress: bool = True, max_retries: int = 3,
-            **kwargs: Any) -> Iterable[dict[str, Any]]:
+def run_tasks(stage: Stage, todo: Sequence[ShardWork], show_progress: bool = True, workers: int | None = None,
+              max_retries: int = 3) -> Iterator[dict[str, Any]]:
     """One Ray task per shard, each returning only a small summary.
 
     `max_retries` re-runs a task whose worker process or node died; an exception raised
@@ -148,57 +124,98 @@ def run_ray(items: Sequence[Any], work: WorkFn, rows_of: Callable[[Any], int], d
     init_ray(workers)
     counter = _counter()
 
-    def task(item: Any, counter: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return work(item, progress=lambda k: counter.add.remote(k), **kwargs)
+    def task(stage: Stage, work: ShardWork, counter: Any) -> dict[str, Any]:
+        stage.open()
+        try:
+            return build_shard(stage, work, progress=_report(counter))
+        finally:
+            stage.close()
 
     remote = ray.remote(num_cpus=1, max_retries=max_retries)(task)
-    pending = {remote.remote(item, counter, kwargs): item for item in items}
-    yield from _drain(pending, counter, sum(rows_of(i) for i in items), len(items), desc, show_progress, "pair")
+    stage_ref = ray.put(stage)
+    pending = {remote.remote(stage_ref, w, counter): w for w in todo}
+    bar = progress_bar(sum(w.rows for w in todo), stage.unit, stage.name, show_progress)
+    done = 0
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            _refresh(bar, counter)
+            for ref in ready:
+                work = pending.pop(ref)
+                done += 1
+                if bar is not None:
+                    bar.set_postfix_str(f"shards {done}/{len(todo)}")
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    yield _error(work, e)
+    finally:
+        _refresh(bar, counter, close=True)
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
 
-def run_actor_pool(items: Sequence[Any], runner_cls: type, runner_kwargs: dict[str, Any], actors: int,
-                   resources: dict[str, float], desc: str, unit: str, total_rows: int | None = None,
-                   workers: int | None = None, show_progress: bool = True) -> Iterable[dict[str, Any]]:
-    """`actors` long-lived actors, each holding one `runner_cls(**runner_kwargs)` (e.g. a
-    caption engine on one GPU), take shards from a queue until none are left.
-
-    Loading a 7B model per shard would cost more than captioning it, hence actors rather
-    than tasks. `runner.run(item, progress=...)` returns the shard's small summary.
-    """
+def _refresh(bar: tqdm | None, counter: Any, close: bool = False) -> None:
     import ray
 
-    init_ray(workers)
+    if bar is None:
+        return
+    bar.n = ray.get(counter.get.remote())
+    bar.refresh()
+    if close:
+        bar.close()
+
+
+class _StageActor:
+    """What one actor holds: the stage, opened (model loaded) once for all its shards."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.stage.open()
+
+    def build(self, work: ShardWork, counter: Any) -> dict[str, Any]:
+        try:
+            return build_shard(self.stage, work, progress=_report(counter))
+        except self.stage.fatal_errors as e:
+            return {"error": ShardTaskError(work.shard, f"{type(e).__name__}: {e}"), "fatal": True}
+        except Exception as e:  # a bad shard must not kill the actor holding a loaded model
+            return _error(work, e)
+
+
+def run_actors(stage: Stage, todo: Sequence[ShardWork], actors: int, resources: dict[str, float],
+               show_progress: bool = True) -> Iterator[dict[str, Any]]:
+    """Shards handed to a pool of `actors` actors as each becomes free (ray.util.ActorPool)."""
+    import ray
+    from ray.util import ActorPool
+
+    init_ray()
     counter = _counter()
-
-    class Holder:
-        def __init__(self, cls: type, kwargs: dict[str, Any]) -> None:
-            self.runner = cls(**kwargs)
-
-        def run(self, item: Any, counter: Any) -> dict[str, Any]:
-            return self.runner.run(item, progress=lambda k: counter.add.remote(k))
-
-    remote_cls = ray.remote(max_restarts=1, max_task_retries=1, **resources)(Holder)
-    pool = [remote_cls.remote(runner_cls, runner_kwargs) for _ in range(max(1, min(actors, len(items))))]
-    queue = list(items)
-    owner: dict[Any, Any] = {}
-    pending: dict[Any, Any] = {}
-    for actor in pool:
-        if queue:
-            item = queue.pop(0)
-            ref = actor.run.remote(item, counter)
-            owner[ref], pending[ref] = actor, item
-
-    def resubmit(ref: Any) -> tuple[Any, Any] | None:
-        actor = owner.pop(ref)
-        if not queue:
-            return None
-        item = queue.pop(0)
-        nxt = actor.run.remote(item, counter)
-        owner[nxt] = actor
-        return nxt, item
-
+    remote_cls = ray.remote(max_restarts=1, max_task_retries=1, **resources)(_StageActor)
+    pool_actors = [remote_cls.remote(stage) for _ in range(max(1, min(actors, len(todo))))]
+    pool = ActorPool(pool_actors)
+    for w in todo:
+        pool.submit(lambda a, w: a.build.remote(w, counter), w)
+    bar = progress_bar(sum(w.rows for w in todo), stage.unit, stage.name, show_progress)
+    done = 0
     try:
-        yield from _drain(pending, counter, total_rows, len(items), desc, show_progress, unit, resubmit)
+        while pool.has_next():
+            try:
+                result = pool.get_next_unordered(timeout=1.0, ignore_if_timedout=False)
+            except TimeoutError:
+                _refresh(bar, counter)
+                continue
+            except ray.exceptions.RayError as e:  # an actor died past its restarts
+                lines = str(e).strip().splitlines()
+                result = {"error": RuntimeError(f"an actor died ({type(e).__name__}: {lines[-1] if lines else ''}); "
+                                                "its shard is built by the next run")}
+            done += 1
+            if bar is not None:
+                bar.set_postfix_str(f"shards {done}/{len(todo)}")
+            _refresh(bar, counter)
+            yield result
+            if result.get("fatal"):
+                break  # e.g. the disk is full: every further shard would fail the same way
     finally:
-        for actor in pool:
-            ray.kill(actor)
+        _refresh(bar, counter, close=True)
+        for a in pool_actors:
+            ray.kill(a)

@@ -14,18 +14,24 @@ import errno
 import hashlib
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
 
-STAGES = ("pairs", "captions", "text_emb")
+STAGES = ("pairs", "captions", "text_emb", "latents")
 SHARD_GLOB = "shard-[0-9][0-9][0-9][0-9][0-9].arrow"
+_SHARD_NAME = re.compile(r"^shard-(\d{5})\.arrow$")
 
 
 class DiskFullError(OSError):
     """Raised instead of a bare ENOSPC so the message says where and what to do."""
+
+
+class LockHeldError(RuntimeError):
+    """Another job is writing the same stage (or shard) into the same output root."""
 
 
 def shard_path(out: Path, stage: str, shard: int) -> Path:
@@ -34,6 +40,24 @@ def shard_path(out: Path, stage: str, shard: int) -> Path:
 
 def sidecar_path(arrow: Path) -> Path:
     return arrow.with_name(arrow.name + ".json")
+
+
+def shard_id(path: Path | str) -> int:
+    """The number in ``shard-00042.arrow``; the one place that parses shard file names."""
+    m = _SHARD_NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a shard file name (shard-NNNNN.arrow)")
+    return int(m.group(1))
+
+
+def shard_files(out: Path, stage: str) -> list[tuple[int, Path]]:
+    """(id, path) of every shard file of a stage, complete or not, sorted by id."""
+    return sorted((shard_id(p), p) for p in (Path(out) / stage).glob(SHARD_GLOB))
+
+
+def complete_shards(out: Path, stage: str) -> list[int]:
+    """Ids of a stage's shards whose sidecar exists (written last: the shard finished)."""
+    return [s for s, p in shard_files(out, stage) if read_sidecar(p) is not None]
 
 
 def _tmp_name(path: Path) -> Path:
@@ -195,18 +219,21 @@ def read_sidecar(arrow: Path) -> dict[str, Any] | None:
         return None
 
 
-def verify_shard(arrow: Path, expect: dict[str, Any] | None = None, check_hash: bool = True) -> str | None:
+def verify_shard(arrow: Path, expect: dict[str, Any] | None = None, check_hash: bool = True,
+                 legacy: dict[str, Any] | None = None) -> str | None:
     """Why the shard cannot be trusted, or None when it is complete and current.
 
     `expect` holds sidecar fields that must match the current run (config hash,
-    inputs hash); the file must exist with the recorded size and sha256.
+    inputs hash); the file must exist with the recorded size and sha256. `legacy` gives
+    the value a field had before sidecars recorded it, so older complete builds stay valid.
     """
     side = read_sidecar(arrow)
     if side is None:
         return "no sidecar (never finished)"
     for k, v in (expect or {}).items():
-        if side.get(k) != v:
-            return f"{k} changed ({side.get(k)} -> {v})"
+        found = side.get(k, (legacy or {}).get(k))
+        if found != v:
+            return f"{k} changed ({found} -> {v})"
     try:
         size = arrow.stat().st_size
     except OSError:
@@ -262,8 +289,8 @@ def build_lock(out: Path, stage: str, shard: int | None = None) -> Iterator[None
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 what = f"shard {shard} of {stage}" if shard is not None else stage
-                raise RuntimeError(f"another job is writing {what} in {out} (lock {Path(out) / name}); "
-                                   "wait for it or use another --out") from None
+                raise LockHeldError(f"another job is writing {what} in {out} (lock {Path(out) / name}); "
+                                    "wait for it or use another --out") from None
         yield
     finally:
         for fd in fds:

@@ -346,3 +346,14 @@ def hidden_matrix(column: pa.ListArray, row: int) -> np.ndarray:
     flat = fsl.values.to_numpy(zero_copy_only=True)
     base = fsl.offset + start
     return flat[base * width:(base + end - start) * width].reshape(end - start, width)
+
+
+# ----------------------------------------------------------- empty prompt ---
+
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+
+
+def empty_prompt_path(out: Path) -> Path:
+    """`<build>/text_emb/empty_prompt.safetensors`: float16 (77, D) `hidden`, written once per
+    build by the embed stage, read by the trainer (null-text dropout) and by sampling (CFG)."""
+    return Path(out) / "text_emb" / EMPTY_PROMPT_FILE

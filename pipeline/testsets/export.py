@@ -27,9 +27,9 @@ from typing import Any
 
 from pipeline.core.manifest import Manifest, ManifestError
 from pipeline.testsets.folders import LISTING, PairFolderWriter
-from pipeline.degrade.worker import STAGE, stage_expectations
-from pipeline.core.plan import ShardPlan, plan_shards
-from pipeline.core.shards import read_sidecar, read_table, shard_path, verify_shard
+from pipeline.core.shards import read_sidecar, read_table, shard_path
+from pipeline.core.stage import ShardWork
+from pipeline.degrade.stage import DegradeStage
 
 __all__ = ["export_testset", "pair_name", "LISTING"]
 
@@ -43,14 +43,13 @@ def pair_name(key: str, several_sources: bool) -> str:
     return f"{source}_{name}" if several_sources else name
 
 
-def check_build(manifest: Manifest, plans: list[ShardPlan]) -> None:
+def check_build(manifest: Manifest, stage: DegradeStage, plans: list[ShardWork]) -> None:
     """Every planned shard complete and built from this manifest, else ManifestError."""
     bad = []
     for plan in plans:
-        arrow = shard_path(manifest.output, STAGE, plan.shard)
-        why = verify_shard(arrow, stage_expectations(manifest.degrade, manifest.seed, plan))
+        why = stage.stale_reason(plan)
         if why is not None:
-            bad.append(f"{arrow.name}: {why}")
+            bad.append(f"{shard_path(manifest.output, stage.name, plan.shard).name}: {why}")
     if bad:
         raise ManifestError(
             f"{manifest.output}: the build is incomplete or stale for {manifest.path} ({len(bad)} of {len(plans)} "
@@ -60,12 +59,13 @@ def check_build(manifest: Manifest, plans: list[ShardPlan]) -> None:
 
 def export_testset(manifest: Manifest) -> dict[str, Any]:
     """Write the build's pairs as PNG folders under its output root; returns the listing."""
-    plans = plan_shards(manifest)
-    check_build(manifest, plans)
+    stage = DegradeStage(manifest)
+    plans = stage.plan(None)
+    check_build(manifest, stage, plans)
     several = len(manifest.sources) > 1
     writer = PairFolderWriter(manifest.output)
     for plan in plans:
-        arrow = shard_path(manifest.output, STAGE, plan.shard)
+        arrow = shard_path(manifest.output, stage.name, plan.shard)
         table = read_table(arrow)
         cols = {c: table.column(c).to_pylist() for c in ("key", "source", "path", "crop_box", "seed")}
         lq, hq = table.column("lq_png"), table.column("hq_png")
