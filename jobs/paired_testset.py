@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Real LQ/HR test pairs (RealSR, DRealSR) → centre-cropped PNG folders.
+"""Real test sets → PNG folders: LQ/HR pairs (RealSR, DRealSR) or LQ images alone (RealLR200).
 
   python jobs/paired_testset.py --manifest manifests/realsr_val.json [--out DIR]
+  python jobs/paired_testset.py --manifest manifests/reallr200.json
 
-Reads the pairs named by the manifest's "paired" section and writes <out>/lq/<name>.png
+Reads the images named by the manifest's "paired" section and writes <out>/lq/<name>.png
 (LQ centre crops, 128²), <out>/hr/<name>.png (the matching HR regions, 512²) and
-<out>/testset.json; <out> is the manifest's "output", or --out. How pairs are matched
-and cropped: pipeline/testsets/paired.py.
+<out>/testset.json; <out> is the manifest's "output", or --out. A section without hr_root
+is a set without references: only lq/ is written (whole images with "centre_crop": false).
+How images are matched and cropped: pipeline/testsets/paired.py.
 
 Exit status: 0 done; 1 some pairs could not be cropped (listed; the others are written);
 2 bad manifest or arguments, or the folders do not pair.
@@ -27,7 +29,7 @@ from pipeline.testsets.paired import build_paired_testset  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--manifest", required=True, help="manifest JSON with a \"paired\" section")
+    ap.add_argument("--manifest", required=True, help="manifest JSON with a \"paired\" section (hr_root optional)")
     ap.add_argument("--out", help="output root; overrides the manifest's \"output\"")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)

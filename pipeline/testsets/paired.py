@@ -1,11 +1,16 @@
-"""Real LQ/HR test pairs (RealSR, DRealSR) → centre-cropped PNG folders.
+"""Real test sets → PNG folders: LQ/HR pairs (RealSR, DRealSR), or real LQ images alone (RealLR200).
 
-Reads the pairs named by the manifest's "paired" section, crops the centre lq_size² of
+Reads the images named by the manifest's "paired" section, crops the centre lq_size² of
 each LQ (128²) and the matching region of its HR (scale × larger: 512²), and writes
 
   <out>/lq/<name>.png     LQ crops, what model/restore.py takes
   <out>/hr/<name>.png     HR crops with the same names, what model/evaluate.py compares to
   <out>/testset.json      the listing: every pair's source files and crop box, failures
+
+A section without `hr_root` describes a set that has no references (RealLR200: real LQ
+photographs without ground truth, scored with no-reference metrics only): only `lq/` is
+written, and `"centre_crop": false` keeps every image whole (restoration then tiles it and
+upscales it 4×, as the paper's RealLR200 protocol restores whole images).
 
 `<out>` is the manifest's "output" (the CLI's --out overrides it). Pairs are matched by
 their path relative to each root, without suffix and without the manifest's `lq_strip` /
@@ -35,16 +40,18 @@ from pipeline.testsets.folders import PairFolderWriter
 
 PAIRED_KEYS: dict[str, type] = {
     "lq_root": str, "hr_root": str, "lq_glob": str, "hr_glob": str,
-    "lq_strip": str, "hr_strip": str, "scale": int, "lq_size": int, "limit": int,
+    "lq_strip": str, "hr_strip": str, "scale": int, "lq_size": int, "limit": int, "centre_crop": bool,
 }
+HR_KEYS = ("hr_root", "hr_glob", "hr_strip")
 
 
 @dataclasses.dataclass(frozen=True)
 class PairedConfig:
-    """The manifest's "paired" section: where the real pairs are and how to crop them."""
+    """The manifest's "paired" section: where the real images are and how to crop them.
+    `hr_root` None: LQ images without references."""
 
     lq_root: Path
-    hr_root: Path
+    hr_root: Path | None = None
     lq_glob: str | None = None
     hr_glob: str | None = None
     lq_strip: str = ""
@@ -52,6 +59,11 @@ class PairedConfig:
     scale: int = 4
     lq_size: int = 128
     limit: int | None = None
+    centre_crop: bool = True
+
+    @property
+    def references(self) -> bool:
+        return self.hr_root is not None
 
     @property
     def hr_size(self) -> int:
@@ -63,7 +75,7 @@ class RealPair:
     name: str  # output file stem, shared by lq/ and hr/
     key: str  # relative path without suffix and strip ending: the matching key
     lq: Path
-    hr: Path
+    hr: Path | None  # None in a set without references
 
 
 def paired_config(manifest: Manifest) -> PairedConfig:
@@ -77,13 +89,20 @@ def paired_config(manifest: Manifest) -> PairedConfig:
         if key not in PAIRED_KEYS:
             raise ManifestError(f"{file}: unknown key paired.{key}; known: {sorted(PAIRED_KEYS)}")
         want = PAIRED_KEYS[key]
-        if isinstance(value, bool) or not isinstance(value, want):
+        if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
             raise ManifestError(f"{file}: paired.{key} should be {want.__name__}, got {type(value).__name__} {value!r}")
-    for key in ("lq_root", "hr_root"):
-        if key not in section:
-            raise ManifestError(f"{file}: paired needs \"{key}\"")
+    if "lq_root" not in section:
+        raise ManifestError(f"{file}: paired needs \"lq_root\"")
+    if "hr_root" not in section and any(k in section for k in HR_KEYS):
+        raise ManifestError(f"{file}: paired has {[k for k in HR_KEYS if k in section]} but no \"hr_root\"; "
+                            "give hr_root for LQ/HR pairs, or drop the hr_* keys for a set without references")
+    if section.get("centre_crop") is False and "hr_root" in section:
+        raise ManifestError(f"{file}: paired.centre_crop false keeps LQ images whole, which only a set without "
+                            "references (no hr_root) can do; LQ/HR pairs are always centre-cropped")
     roots = {}
     for key in ("lq_root", "hr_root"):
+        if key not in section:
+            continue
         root = Path(section[key])
         root = root if root.is_absolute() else Path.cwd() / root
         if not root.is_dir():
@@ -119,8 +138,15 @@ def _examples(items: list[str], n: int = 5) -> str:
 
 
 def pair_files(cfg: PairedConfig, file: Path) -> list[RealPair]:
-    """Every LQ with its HR, sorted by key; unmatched files or clashing names are errors."""
+    """Every LQ with its HR, sorted by key; unmatched files or clashing names are errors.
+    Without references, every LQ alone."""
     lq = list_side(cfg.lq_root, cfg.lq_glob, cfg.lq_strip)
+    if cfg.hr_root is None:
+        if not lq:
+            raise ManifestError(f"{file}: paired.lq_glob {cfg.lq_glob or '(all images)'!r} matches no images under "
+                                f"{cfg.lq_root}")
+        keys = sorted(lq)[: cfg.limit] if cfg.limit else sorted(lq)
+        return _unique([RealPair(Path(k).name, k, lq[k], None) for k in keys], file)
     hr = list_side(cfg.hr_root, cfg.hr_glob, cfg.hr_strip)
     if not lq or not hr:
         empty = "lq" if not lq else "hr"
@@ -136,7 +162,10 @@ def pair_files(cfg: PairedConfig, file: Path) -> list[RealPair]:
             lines.append(f"  {len(only_hr)} HR without LQ: {_examples(only_hr)}")
         raise ManifestError("\n".join(lines))
     keys = sorted(lq)[: cfg.limit] if cfg.limit else sorted(lq)
-    pairs = [RealPair(Path(k).name, k, lq[k], hr[k]) for k in keys]
+    return _unique([RealPair(Path(k).name, k, lq[k], hr[k]) for k in keys], file)
+
+
+def _unique(pairs: list[RealPair], file: Path) -> list[RealPair]:
     clashes = _clashes(pairs)
     if clashes:
         raise ManifestError(f"{file}: pairs in different folders would share an output name: {_examples(clashes)}")
@@ -195,8 +224,15 @@ def build_paired_testset(manifest: Manifest, show_progress: bool = False) -> dic
     """Crop every pair of the manifest into <output>/lq and <output>/hr; returns the listing."""
     cfg = paired_config(manifest)
     pairs = pair_files(cfg, manifest.path)
-    writer = PairFolderWriter(manifest.output)
+    writer = PairFolderWriter(manifest.output, references=cfg.references)
     level = manifest.degrade.png_compress_level
+    meta = {"name": manifest.name, "kind": "paired" if cfg.references else "lq_only", "manifest": str(manifest.path),
+            "scale": cfg.scale, "lq_size": cfg.lq_size if cfg.centre_crop else None,
+            "hr_size": cfg.hr_size if cfg.references else None}
+    if not cfg.references:
+        for pair in _progress(pairs, show_progress, manifest.name):
+            _add_lq_only(writer, pair, cfg, manifest, level)
+        return writer.finish(meta)
     for pair in _progress(pairs, show_progress, manifest.name):
         try:
             lq, _ = load_source(pair.lq, max_pixels=manifest.degrade.max_pixels, min_side=1)
@@ -213,5 +249,24 @@ def build_paired_testset(manifest: Manifest, show_progress: bool = False) -> dic
             "hr_box": [v * cfg.scale for v in box], "lq_source_size": [lq.shape[1], lq.shape[0]],
             "hr_source_size": [hr.shape[1], hr.shape[0]],
         })
-    return writer.finish({"name": manifest.name, "kind": "paired", "manifest": str(manifest.path),
-                          "scale": cfg.scale, "lq_size": cfg.lq_size, "hr_size": cfg.hr_size})
+    return writer.finish(meta)
+
+
+def _add_lq_only(writer: PairFolderWriter, pair: RealPair, cfg: PairedConfig, manifest: Manifest, level: int) -> None:
+    """One LQ image of a set without references: whole, or its centre lq_size²."""
+    try:
+        lq, _ = load_source(pair.lq, max_pixels=manifest.degrade.max_pixels, min_side=1)
+        size = [lq.shape[1], lq.shape[0]]
+        box = [0, 0, *size]
+        if cfg.centre_crop:
+            top, left = centre_box(lq.shape[0], lq.shape[1], cfg.lq_size)
+            lq = np.ascontiguousarray(lq[top:top + cfg.lq_size, left:left + cfg.lq_size])
+            box = [left, top, cfg.lq_size, cfg.lq_size]
+    except SourceError as e:
+        writer.fail(pair.key, e.reason)
+        return
+    except ValueError as e:
+        writer.fail(pair.key, str(e))
+        return
+    writer.add(pair.name, encode_png(lq, level), None,
+               {"key": pair.key, "lq_file": str(pair.lq), "lq_box": box, "lq_source_size": size})
