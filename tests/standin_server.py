@@ -1,26 +1,41 @@
 """A stand-in for ``vllm serve``: an OpenAI-compatible caption server with fault injection.
 
-vLLM cannot run on the CPU machines this project is built on (see
-/work/shared/ENVIRONMENT.md), so the server engine's protocol, concurrency, timeouts and
-retries are tested against this stand-in instead. It speaks the part of vLLM's OpenAI API
-the engine uses: ``GET /v1/models`` and ``POST /v1/chat/completions`` with one user
-message holding an ``image_url`` (base64 data URL) part and a ``text`` part. It is not
-vLLM: no batching, no streaming, none of vLLM's other endpoints.
+The server engine is tested against a real OpenAI-compatible server, ``transformers
+serve`` (tests/test_caption_server.py). This stand-in is for what a real server cannot be
+made to do on demand: fail one chosen image's request in one chosen way, count every
+attempt, answer after a fixed delay for the client benchmark. It speaks the part of
+vLLM's OpenAI API the engine uses: ``GET /v1/models`` and ``POST /v1/chat/completions``
+with one user message holding an ``image_url`` (base64 data URL) part and a ``text``
+part. It is not vLLM: no batching, no streaming, none of vLLM's other endpoints.
+
+Its answers follow vLLM 0.33.0 (read from its wheel): error bodies are vLLM's
+``ErrorResponse`` (``{"error": {"message", "type", "param", "code"}}``,
+vllm/entrypoints/serve/engine/protocol.py) with the status codes vLLM's handlers give
+(vllm/entrypoints/serve/exception_handling/error_response.py): 400 for a request that
+fails validation, 404 for an unknown model, 500 for an internal error (a dead engine,
+finish_reason "error"), 501 for NotImplementedError, 503 for a full queue
+(QueueOverflowError, vllm/exceptions.py); 401 is vLLM's ``{"error": "Unauthorized"}``
+(vllm/entrypoints/serve/middleware/authenticate.py). vLLM never sends 429 or
+``Retry-After``, so neither does this server. ``max_completion_tokens`` is read before
+the deprecated ``max_tokens``; ``add_special_tokens`` defaults to false, as in vLLM's
+ChatCompletionRequest.
 
 Modes:
 * ``"model"`` (A): answers from a (tiny) LLaVA checkpoint through transformers the way
   vLLM's chat endpoint does: the OpenAI content parts become [image, text], the
   processor's chat template renders the prompt, which is tokenised with special tokens
-  only if the request asks for ``add_special_tokens`` (vLLM's default is not to), and
-  decoded greedily when ``temperature`` is 0. Generation runs on one worker thread, like
-  a single GPU.
+  only if the request asks for ``add_special_tokens``, and decoded greedily when
+  ``temperature`` is 0. Generation runs on one worker thread, like a single GPU.
 * ``"fixed"`` (B): answers a fixed text after ``delay_s``, for client benchmarks.
 
 Faults are injected per image, keyed by :func:`image_key` (sha256 of the decoded
-pixels) or by the order in which distinct images first arrive: HTTP 500 / 503 / 400,
-429 with ``Retry-After``, a stalled reply, malformed JSON, a dropped connection; each for
-the first ``times`` attempts of that image (transient) or for all of them (permanent).
-Every request is recorded (:class:`RequestRecord`) so tests can count attempts.
+pixels) or by the order in which distinct images first arrive: HTTP 500 / 503 / 501 /
+400, a stalled reply, malformed JSON, a dropped connection, or a 200 whose
+``finish_reason`` is ``length`` (the text cut short) or ``abort``; each for the first
+``times`` attempts of that image (transient) or for all of them (permanent). Every
+request is recorded (:class:`RequestRecord`) so tests can count attempts. A
+``started``/``release`` pair of events lets a test hold replies until it has seen how
+many requests are in flight, without timing.
 
 Run it on its own (used by benchmarks/caption.py, so the client is measured alone):
 ``python tests/standin_server.py --mode fixed --delay 0.2`` prints ``READY <base url>``
@@ -50,7 +65,24 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-FAULT_KINDS = ("500", "503", "400", "429", "stall", "malformed", "drop")
+FAULT_KINDS = ("500", "503", "501", "400", "stall", "malformed", "drop", "length", "abort")
+
+# What vLLM 0.33.0 answers with each status (message, error type), for the injected faults.
+VLLM_ERRORS = {
+    500: ("The server had an error while processing your request.", "InternalServerError"),
+    503: ("The engine is currently busy and cannot accept new requests. Please try again later or on a "
+          "different instance.", "Service Unavailable"),
+    501: ("not implemented for this model", "NotImplementedError"),
+    400: ("The decoder prompt (length 5000) is longer than the maximum model length of 4096. Make sure "
+          "that `max_model_len` is no smaller than the number of text tokens plus multimodal tokens.",
+          "BadRequestError"),
+}
+
+
+def vllm_error(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
+    """vLLM's ErrorResponse body with its status."""
+    return web.json_response({"error": {"message": message, "type": err_type, "param": param, "code": status}},
+                             status=status)
 
 
 def image_key(image: Image.Image) -> str:
@@ -69,7 +101,6 @@ class Fault:
 
     kind: str
     times: int | None = None
-    retry_after: float | None = 1.0  # 429 only; None leaves the header out
     stall_s: float = 30.0  # "stall": reply this late (the client should have given up)
 
     def __post_init__(self) -> None:
@@ -104,7 +135,8 @@ class StandInServer:
     def __init__(self, model_dir: str | Path | None = None, *, mode: str = "model",
                  served_model: str | None = None, text: str = "a photo of something",
                  delay_s: float = 0.2, api_key: str = "", faults: dict[str, Fault] | None = None,
-                 faults_by_arrival: dict[int, Fault] | None = None, record: bool = True) -> None:
+                 faults_by_arrival: dict[int, Fault] | None = None, record: bool = True,
+                 hold_until_in_flight: int | None = None) -> None:
         if mode not in ("model", "fixed"):
             raise ValueError("mode must be 'model' or 'fixed'")
         if mode == "model" and model_dir is None:
@@ -121,6 +153,10 @@ class StandInServer:
         self._lock = threading.Lock()
         self.in_flight = 0  # chat requests being handled now, and the most seen at once
         self.max_in_flight = 0
+        # Hold every reply until this many requests are in flight at once (then never again):
+        # a client that keeps that many in flight is seen doing so, whatever the machine's speed.
+        self.hold_until_in_flight = hold_until_in_flight
+        self._gate: asyncio.Event | None = None
         self._model: Any = None
         self._processor: Any = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="standin-gen")
@@ -186,6 +222,7 @@ class StandInServer:
         self._loop = loop
         try:
             self._stopping = asyncio.Event()
+            self._gate = asyncio.Event()
             app = web.Application(client_max_size=64 * 2**20)
             app.router.add_get("/v1/models", self._models)
             app.router.add_post("/v1/chat/completions", self._chat)
@@ -268,7 +305,12 @@ class StandInServer:
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            reached = self.hold_until_in_flight is not None and self.in_flight >= self.hold_until_in_flight
         try:
+            if self.hold_until_in_flight is not None:
+                if reached:
+                    self._gate.set()  # type: ignore[union-attr]
+                await asyncio.wait_for(self._gate.wait(), 60)  # type: ignore[union-attr]
             return await self._chat_inner(request)
         finally:
             with self._lock:
@@ -283,27 +325,27 @@ class StandInServer:
 
         if self._unauthorized(request):
             done("unauthorized")
-            return web.json_response({"error": {"message": "Unauthorized"}}, status=401)
+            return web.json_response({"error": "Unauthorized"}, status=401)
         try:
             body = await request.json()
             if body.get("model") != self.served_model:
                 done("unknown_model")
-                return web.json_response({"object": "error", "code": 404, "type": "NotFoundError",
-                                          "message": f"The model `{body.get('model')}` does not exist."},
-                                         status=404)
+                return vllm_error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError",
+                                  "model")
             b64, parts = self._parse(body)
             need_pixels = self.mode == "model" or self._faults or self._faults_by_arrival
             image = self._decode(b64) if need_pixels else None
         except (_BadRequest, ValueError) as exc:
             done("bad_request")
-            return web.json_response({"object": "error", "code": 400, "type": "BadRequestError",
-                                      "message": str(exc)}, status=400)
+            return vllm_error(400, str(exc), "BadRequestError")
+        fault = None
         if image is not None:
             key = image_key(image)
             fault, attempt = self._fault(key)
-            if fault is not None:
+            if fault is not None and fault.kind not in ("length", "abort"):
                 return await self._inject(request, fault, done)
 
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 256
         if self.mode == "fixed":
             await asyncio.sleep(self.delay_s)
             text, finish, n_prompt, n_out, extra = self.text, "stop", 0, len(self.text.split()), {}
@@ -311,9 +353,11 @@ class StandInServer:
             loop = asyncio.get_running_loop()
             text, finish, prompt, ids, n_out = await loop.run_in_executor(
                 self._executor, self._generate, image, parts, bool(body.get("add_special_tokens", False)),
-                body.get("max_tokens") or 256, float(body.get("temperature", 1.0)))
+                int(max_tokens), float(body.get("temperature", 1.0)))
             n_prompt, extra = len(ids), {"prompt": prompt, "prompt_ids": ids}
-        done("ok", **extra)
+        if fault is not None:  # a reply cut short by the token limit, or aborted by the engine
+            text, finish = text[: max(1, len(text) // 2)], fault.kind
+        done(fault.kind if fault is not None else "ok", **extra)
         return web.json_response({
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.served_model,
@@ -325,15 +369,10 @@ class StandInServer:
 
     async def _inject(self, request: web.Request, fault: Fault, done: Any) -> web.StreamResponse:
         kind = fault.kind
-        if kind in ("500", "503", "400"):
+        if kind in ("500", "503", "501", "400"):
             done(kind)
-            return web.json_response({"object": "error", "code": int(kind), "message": f"injected {kind}"},
-                                     status=int(kind))
-        if kind == "429":
-            done(kind)
-            headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
-            return web.json_response({"object": "error", "code": 429, "message": "Too Many Requests"},
-                                     status=429, headers=headers)
+            message, err_type = VLLM_ERRORS[int(kind)]
+            return vllm_error(int(kind), message, err_type)
         if kind == "malformed":
             done(kind)
             return web.Response(status=200, content_type="application/json",
@@ -349,7 +388,7 @@ class StandInServer:
             await asyncio.wait_for(self._stopping.wait(), fault.stall_s)  # type: ignore[union-attr]
         except asyncio.TimeoutError:
             pass
-        return web.json_response({"object": "error", "code": 503, "message": "stalled"}, status=503)
+        return vllm_error(503, *VLLM_ERRORS[503])
 
     def _generate(self, image: Image.Image, parts: list[dict[str, Any]], add_special_tokens: bool,
                   max_tokens: int, temperature: float) -> tuple[str, str, str, tuple[int, ...], int]:
