@@ -397,3 +397,15 @@ def _check_rgb(rgb: np.ndarray) -> None:
         raise TypeError(f"rgb must be a numpy array, got {type(rgb).__name__}")
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"rgb must be uint8 HxWx3, got {rgb.dtype} {rgb.shape}")
+
+
+def level_table(scale: float, offset: float) -> np.ndarray:
+    """float32 value of every uint8 level (level · scale + offset), computed in float64 and
+    rounded once, so the ends of [-1, 1] are exact (a float32 multiply-add gives 1.0000001).
+    The one conversion of stored pixels to model inputs: the latents stage and the trainer's
+    loader use the same table, so cached and encoded latents see the same numbers."""
+    return (np.arange(256, dtype=np.float64) * scale + offset).astype(np.float32)
+
+
+SIGNED_LEVELS = level_table(1 / 127.5, -1.0)  # 0..255 → [-1, 1]
+UNIT_LEVELS = level_table(1 / 255, 0.0)  # 0..255 → [0, 1]

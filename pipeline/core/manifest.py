@@ -32,6 +32,7 @@ TOP_LEVEL_KEYS = {
     "train": dict,
     "model": dict,
     "paired": dict,  # real LQ/HR test pairs (pipeline/testsets/paired.py)
+    "latents": dict,  # VAE moments of the HQ crops (pipeline/latents/)
 }
 SOURCE_KEYS = {"name": str, "root": str, "glob": str, "limit": int}
 REQUIRED = ("name", "seed", "output", "sources")
