@@ -24,12 +24,6 @@ from tqdm import tqdm
 from pipeline.core.stage import ShardWork, Stage, StageInputError, build_shard
 
 
-class ShardTaskError(RuntimeError):
-    def __init__(self, shard: int, message: str) -> None:
-        super().__init__(f"shard {shard}: {message}")
-        self.shard = shard
-
-
 def progress_bar(total: int | None, unit: str, desc: str, show: bool) -> tqdm | None:
     if not show:
         return None
@@ -38,9 +32,11 @@ def progress_bar(total: int | None, unit: str, desc: str, show: bool) -> tqdm | 
 
 
 def _error(work: ShardWork, e: BaseException) -> dict[str, Any]:
+    """A failed shard's summary. The error travels as text: it crosses process boundaries
+    (a Ray actor returns it) and an exception object may not survive pickling."""
     cause = getattr(e, "cause", None) or e
     text = str(cause).strip().splitlines()
-    return {"error": ShardTaskError(work.shard, f"{type(cause).__name__}: {text[-1] if text else ''}")}
+    return {"error": f"shard {work.shard}: {type(cause).__name__}: {text[-1] if text else ''}"}
 
 
 def run_serial(stage: Stage, todo: Sequence[ShardWork], show_progress: bool = True) -> Iterator[dict[str, Any]]:
@@ -177,7 +173,7 @@ class _StageActor:
         try:
             return build_shard(self.stage, work, progress=_report(counter))
         except self.stage.fatal_errors as e:
-            return {"error": ShardTaskError(work.shard, f"{type(e).__name__}: {e}"), "fatal": True}
+            return {**_error(work, e), "fatal": True}
         except Exception as e:  # a bad shard must not kill the actor holding a loaded model
             return _error(work, e)
 
@@ -206,8 +202,8 @@ def run_actors(stage: Stage, todo: Sequence[ShardWork], actors: int, resources: 
                 continue
             except ray.exceptions.RayError as e:  # an actor died past its restarts
                 lines = str(e).strip().splitlines()
-                result = {"error": RuntimeError(f"an actor died ({type(e).__name__}: {lines[-1] if lines else ''}); "
-                                                "its shard is built by the next run")}
+                result = {"error": f"an actor died ({type(e).__name__}: {lines[-1] if lines else ''}); "
+                                   "its shard is built by the next run"}
             done += 1
             if bar is not None:
                 bar.set_postfix_str(f"shards {done}/{len(todo)}")

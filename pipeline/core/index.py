@@ -13,9 +13,16 @@ from typing import Any
 from pipeline.core.shards import SHARD_GLOB, STAGES, atomic_write_json, read_sidecar
 
 
+def stage_folders(out: Path) -> list[str]:
+    """The known stages first, in pipeline order, then any other folder holding shards."""
+    found = sorted(p.name for p in Path(out).iterdir() if p.is_dir() and next(p.glob(SHARD_GLOB), None)) \
+        if Path(out).is_dir() else []
+    return [s for s in STAGES if s in found] + [s for s in found if s not in STAGES]
+
+
 def collect(out: Path) -> dict[str, Any]:
     stages: dict[str, Any] = {}
-    for stage in STAGES:
+    for stage in stage_folders(out):
         folder = Path(out) / stage
         shards = []
         for arrow in sorted(folder.glob(SHARD_GLOB)):
