@@ -8,7 +8,7 @@ One run measures, on the 15 photographs bundled with scikit-image (jobs/prepare_
      encoding, and a stage-by-stage breakdown;
   2. the real job (pipeline.degrade.stage.run_degrade): serial, Ray 1 worker, Ray 2 workers,
      pairs/s and peak RSS per worker, plus peak RSS over N and 2N images;
-  3. BasicSR 1.4.2's own pipeline (benchmarks/basicsr_pipeline.py) on the same crops;
+  3. BasicSR 1.4.2's own pipeline (baselines/basicsr_realesrgan.py) on the same crops;
   4. output statistics: PSNR of the bicubic-upsampled LQ against the stored HQ;
   5. the headline ratios, all measured within this run.
 Results: a table on stdout, JSON at --out (default bench-out/degrade.json) and Markdown
@@ -173,7 +173,7 @@ def bench_ours(rows: list[Any], decode_repeats: int = 3) -> OursResult:
 
 def bench_basicsr(rows: list[Any], ours: OursResult, seed: int = 0) -> dict[str, Any]:
     """BasicSR's pipeline on the same crops, one core; plus its ops on our recipes."""
-    from basicsr_pipeline import BasicSRMissing, BasicSRPipeline, Geometry, basicsr_kernel
+    from baselines.basicsr_realesrgan import BasicSRMissing, BasicSRPipeline, Geometry, basicsr_kernel
 
     try:
         pipe = BasicSRPipeline(seed)

@@ -3,11 +3,12 @@
 Why it exists: SSP-IR's authors built their pairs with SeeSR's
 ``utils_data/make_paired_data.py``, which draws kernels in BasicSR's
 ``RealESRGANDataset.__getitem__`` and degrades with the body of
-``RealESRGANModel.feed_data``. To compare speed and output statistics fairly, this module
-strings together BasicSR's *own* functions in the same order with the options of
-Real-ESRGAN's ``train_realesrgan_x4plus.yml`` (batch 1, CPU, float32). It reimplements no
-image operation; it only adds the glue: the crop geometry (taken from our recipe so both
-pipelines see the same 512² crops), per-stage timers and PNG encoding.
+``RealESRGANModel.feed_data``. To check our degradation against it (tests/test_basicsr_parity.py)
+and to compare speed and output statistics (benchmarks/degrade.py), this module strings
+together BasicSR's *own* functions in the same order with the options of Real-ESRGAN's
+``train_realesrgan_x4plus.yml`` (batch 1, CPU, float32). It reimplements no image
+operation; it only adds the glue: the crop geometry (taken from our recipe so both
+pipelines see the same 512² crops), optional per-stage timers and PNG encoding.
 
 Two ways to run it:
 
@@ -25,18 +26,25 @@ torchvision; :func:`import_basicsr` registers a stand-in module re-exporting
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
 import random
 import sys
 import types
-from typing import Any, Callable
+from collections.abc import Iterator
+from typing import Any, Callable, ContextManager
 
 import cv2
 import numpy as np
 
-from bench_common import StageTimer
+Timer = Callable[[str], ContextManager[None]]  # e.g. benchmarks' StageTimer: one context per stage name
+
+
+@contextlib.contextmanager
+def _untimed(stage: str) -> Iterator[None]:
+    yield
 
 BASICSR_VERSION = "1.4.2"
 INSTALL_HINT = (
@@ -295,7 +303,7 @@ class BasicSRPipeline:
         q = x.new_full((x.size(0),), quality)  # a fresh tensor: DiffJPEG edits it in place
         return self.jpeger(self.b.torch.clamp(x, 0, 1), quality=q)
 
-    def degrade(self, gt_usm: Any, plan: Plan, t: StageTimer) -> Any:
+    def degrade(self, gt_usm: Any, plan: Plan, t: Timer = _untimed) -> Any:
         """The body of RealESRGANModel.feed_data after USM, one timer per stage."""
         F, filter2D, torch = self.b.F, self.b.filter2D, self.b.torch
         ori_h, ori_w = gt_usm.size()[2:4]
@@ -331,12 +339,12 @@ class BasicSRPipeline:
         with t("convert"):
             return torch.clamp((out * 255.0).round(), 0, 255) / 255.0
 
-    def make_pair(self, path: str, geometry: Geometry, t: StageTimer) -> BasicSRPair:
+    def make_pair(self, path: str, geometry: Geometry, t: Timer = _untimed) -> BasicSRPair:
         """Read → crop → USM → BasicSR draws → second-order degradation → PNGs."""
         with self.b.torch.no_grad():  # feed_data is @torch.no_grad(); DiffJPEG holds Parameters
             return self._make_pair(path, geometry, t)
 
-    def _make_pair(self, path: str, geometry: Geometry, t: StageTimer) -> BasicSRPair:
+    def _make_pair(self, path: str, geometry: Geometry, t: Timer) -> BasicSRPair:
         with t("decode"):
             bgr = cv2.imread(path, cv2.IMREAD_COLOR)  # imfrombytes(float32=True) decodes alike
             if bgr is None:
@@ -360,7 +368,15 @@ class BasicSRPipeline:
         torch = self.b.torch
         x = torch.from_numpy(np.ascontiguousarray(hq.transpose(2, 0, 1))).float()[None] / 255.0
         with torch.no_grad():
-            return to_uint8_rgb(self.degrade(x, self.plan_from_recipe(recipe), StageTimer()))
+            return to_uint8_rgb(self.degrade(x, self.plan_from_recipe(recipe)))
+
+    def usm(self, gt: np.ndarray) -> np.ndarray:
+        """BasicSR's USMSharp (radius 50, weight 0.5, threshold 10) of an RGB uint8 crop, as
+        make_pair applies it (float32 in [0, 1], rounded back to uint8)."""
+        torch = self.b.torch
+        x = self.b.img2tensor([gt.astype(np.float32) / 255.0], bgr2rgb=False, float32=True)[0][None]
+        with torch.no_grad():
+            return to_uint8_rgb(self.usm_sharpener(x))
 
 
 def to_uint8_rgb(t: Any) -> np.ndarray:
