@@ -14,8 +14,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
+# BasicSR (without its declared dependencies, as for bench) for tests/test_basicsr_parity.py,
+# which SSPIR_REQUIRE_BASICSR=1 turns from a skip into a failure when BasicSR is missing.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pip install -q --no-deps basicsr==1.4.2
+	SSPIR_REQUIRE_BASICSR=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
 	$(PY) jobs/prepare_demo.py
