@@ -8,6 +8,7 @@ without running the model at all; the engine is created only when some row needs
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import time
@@ -17,16 +18,21 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.caption.config import CaptionConfig
+from pipeline.caption.engines import CUT_FINISH, EngineDied, EngineError
 from pipeline.caption.overrides import OverrideError
-from pipeline.core.shards import ShardWriter, read_sidecar, read_table, shard_path, verify_shard
+from pipeline.core.shards import DiskFullError, ShardWriter, read_sidecar, read_table, shard_path, verify_shard
 from pipeline.core.stage import Progress, ShardOutcome, ShardWork, Stage, StageResult, run_stage
 
 OK, FAILED, OVERRIDE = "ok", "failed", "override"
+# finish_reason: how generation ended (stop | length | abort | error | repetition, or null
+# for overrides, pre-generation failures and rows of shards written before the column):
+# `length` marks an ok caption cut by caption.max_tokens.
 CAPTIONS_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("caption", pa.string()),
     ("status", pa.string()),
     ("error", pa.string()),
+    ("finish_reason", pa.string()),
 ])
 
 
@@ -36,6 +42,7 @@ class Row:
     caption: str | None = None
     status: str | None = None
     error: str | None = None
+    finish_reason: str | None = None
 
 
 class CaptionStage(Stage):
@@ -45,6 +52,9 @@ class CaptionStage(Stage):
     input_stage: ClassVar[str] = "pairs"
     input_command: ClassVar[str] = "`python jobs/degrade.py --manifest M`"
     packages: ClassVar[tuple[str, ...]] = ("transformers", "torch", "pillow", "pyarrow", "aiohttp", "vllm")
+    # An engine that cannot start, or died (vLLM's EngineDeadError), fails every later shard
+    # the same way: stop the run; the shard being built is not committed (exit 3).
+    fatal_errors: ClassVar[tuple[type[BaseException], ...]] = (DiskFullError, EngineError, EngineDied)
 
     def __init__(self, out: Any, cfg: CaptionConfig, overrides: dict[str, str] | None = None,
                  force: bool = False, index_extra: dict[str, Any] | None = None) -> None:
@@ -142,8 +152,10 @@ class CaptionStage(Stage):
             return {}
         same_config = not self.force and side.get("config_hash") == self.config_hash()
         t = read_table(arrow).to_pydict()
-        return {key: Row(key, caption, status, error)
-                for key, caption, status, error in zip(t["key"], t["caption"], t["status"], t["error"])
+        finishes = t.get("finish_reason") or [None] * len(t["key"])  # shards from before the column
+        return {key: Row(key, caption, status, error, finish)
+                for key, caption, status, error, finish in zip(t["key"], t["caption"], t["status"], t["error"],
+                                                               finishes)
                 if status == OVERRIDE or (same_config and status == OK)}
 
     def build(self, work: ShardWork, writer: ShardWriter, progress: Progress) -> ShardOutcome:
@@ -155,7 +167,7 @@ class CaptionStage(Stage):
         for r in rows:
             text = self._by_shard.get(work.shard, {}).get(r.key)
             if text is not None:
-                r.caption, r.status, r.error = text, OVERRIDE, None
+                r.caption, r.status, r.error, r.finish_reason = text, OVERRIDE, None, None
         todo = [i for i, r in enumerate(rows) if r.status is None]
         if progress is not None and len(rows) > len(todo):
             progress(len(rows) - len(todo))
@@ -165,23 +177,24 @@ class CaptionStage(Stage):
         caption_s = 0.0
         if todo:
             engine = self.engine()
-            engine_info = engine.describe()
             lq = read_table(pairs).select(["lq_png"]).column(0)
             images = [Image.open(io.BytesIO(lq[i].as_py())).convert("RGB") for i in todo]
             t0 = time.perf_counter()
-            results = engine.caption(images, progress=progress)
+            results = engine.caption(images, progress=progress)  # EngineDied propagates: nothing committed
             caption_s = time.perf_counter() - t0
+            engine_info = engine.describe()  # after captioning: a server engine adds the model replies named
             if len(results) != len(todo):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(todo)} images")
             for i, res in zip(todo, results):
                 r = rows[i]
-                if res.error is None:
-                    r.caption, r.status, r.error = res.caption, OK, None
-                else:
-                    r.caption, r.status, r.error = None, FAILED, res.error
+                # abort/error finish reasons arrive as errors: failed rows, captioned again on a rerun
+                r.caption, r.status, r.error = res.caption, (OK if res.ok else FAILED), res.error
+                r.finish_reason = res.finish_reason
         for r in rows:
             writer.add(dataclasses.asdict(r))
         counts = {s: sum(r.status == s for r in rows) for s in (OK, FAILED, OVERRIDE)}
+        finish_reasons = collections.Counter(r.finish_reason for r in rows if r.finish_reason)
+        cut = [r.key for r in rows if r.status == OK and r.finish_reason in CUT_FINISH]
         # The engine that captioned rows last; earlier engines stay in `history`.
         history = previous.get("history", [])
         if engine_info and previous.get("engine") and previous["engine"] != engine_info:
@@ -189,6 +202,9 @@ class CaptionStage(Stage):
         return ShardOutcome(
             failed=[{"key": r.key, "reason": r.error or ""} for r in rows if r.status == FAILED],
             sidecar={"counts": counts, "captioned_now": len(todo), "kept": len(rows) - len(todo),
+                     # ok captions that ended early (caption.max_tokens, or vLLM's repetition stop)
+                     "finish_reasons": dict(sorted(finish_reasons.items())), "cut": len(cut),
+                     "cut_keys": cut[:100],
                      "engine": engine_info or previous.get("engine", {}), "history": history,
                      "timing": {"caption_s": round(caption_s, 3),
                                 "captions_per_s": round(len(todo) / caption_s, 3) if caption_s else None}},
@@ -196,7 +212,12 @@ class CaptionStage(Stage):
 
     def summary_lines(self, sidecars: Sequence[dict[str, Any]]) -> list[str]:
         overrides = sum(s.get("counts", {}).get(OVERRIDE, 0) for s in sidecars)
-        return [f"  {overrides} rows carry a caption written by hand (status override)"] if overrides else []
+        cut = sum(s.get("cut", 0) for s in sidecars)
+        lines = [f"  {overrides} rows carry a caption written by hand (status override)"] if overrides else []
+        if cut:
+            lines.append(f"  {cut} ok captions ended early (finish_reason length: cut at caption.max_tokens; "
+                         "the column finish_reason marks them)")
+        return lines
 
 
 def run_captions(out: Any, cfg: CaptionConfig, shard: int | None, overrides: dict[str, str],
