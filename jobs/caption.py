@@ -20,12 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipeline.caption.config import ENGINES  # noqa: E402
 from pipeline.caption.overrides import load_overrides  # noqa: E402
 from pipeline.caption.stage import CaptionStage  # noqa: E402
-from pipeline.core.cli import check_shard_args, run_command, stage_parser  # noqa: E402
+from pipeline.core.cli import check_shard_args, print_manifest_if_asked, run_command, stage_parser  # noqa: E402
 from pipeline.core.manifest import load_manifest  # noqa: E402
 from pipeline.core.stage import run_stage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (printed := print_manifest_if_asked(argv)) is not None:
+        return printed
     ap = stage_parser(__doc__)
     ap.add_argument("--engine", choices=ENGINES, help="overrides caption.engine")
     ap.add_argument("--server", help="overrides caption.server (base URL ending in /v1)")

@@ -15,13 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from pipeline.core.cli import check_shard_args, run_command, stage_parser  # noqa: E402
+from pipeline.core.cli import check_shard_args, print_manifest_if_asked, run_command, stage_parser  # noqa: E402
 from pipeline.core.manifest import load_manifest  # noqa: E402
 from pipeline.core.stage import run_stage  # noqa: E402
 from pipeline.degrade.stage import DegradeStage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (printed := print_manifest_if_asked(argv)) is not None:
+        return printed
     ap = stage_parser(__doc__, shard_required=False, actors=False)
     ap.add_argument("--workers", type=int, default=None,
                     help="CPUs of the local Ray started when not inside a cluster (default: all)")

@@ -20,12 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from pipeline.core.cli import check_shard_args, run_command, stage_parser  # noqa: E402
+from pipeline.core.cli import check_shard_args, print_manifest_if_asked, run_command, stage_parser  # noqa: E402
 from pipeline.core.manifest import load_manifest  # noqa: E402
 from pipeline.embed.stage import run_embed  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (printed := print_manifest_if_asked(argv)) is not None:
+        return printed
     ap = stage_parser(__doc__)
     ap.add_argument("--device", choices=("cpu", "cuda"),
                     help="overrides text_embed.device (default: CUDA if present)")

@@ -107,3 +107,66 @@ def test_planning_is_sorted_and_deterministic(photo_dir: Path, tmp_path: Path) -
     assert [p.inputs_hash for p in plans] == [p.inputs_hash for p in plan_shards(m)]
     body["sources"][0]["limit"] = 2
     assert len([r for p in plan_shards(load_manifest(_write(tmp_path, body))) for r in p.rows]) == 6
+
+
+# ---------------------------------------------------------------- extends ---
+
+
+def test_extends_overrides_only_what_it_names(photo_dir: Path, tmp_path: Path) -> None:
+    parent = _base(photo_dir, tmp_path)
+    parent["degrade"] = {"crops_per_image": 3, "rows_per_shard": 5, "usm_gt": True}
+    parent["train"] = {"batch_size": 32, "lambda_rgb": 0.1}
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "full.json").write_text(json.dumps(parent))
+    child = tmp_path / "paper" / "no_rgb.json"
+    child.parent.mkdir()
+    child.write_text(json.dumps({"extends": "../base/full.json", "name": "no-rgb",
+                                 "train": {"lambda_rgb": 0.0}, "degrade": {"usm_gt": False}}))
+    m = load_manifest(child)
+    assert m.name == "no-rgb" and m.seed == parent["seed"] and m.sources[0].root == photo_dir
+    assert m.raw["train"] == {"batch_size": 32, "lambda_rgb": 0.0}  # objects merge key by key
+    assert (m.degrade.crops_per_image, m.degrade.rows_per_shard, m.degrade.usm_gt) == (3, 5, False)
+    assert m.chain == (child.resolve(), (tmp_path / "base" / "full.json").resolve())
+    grandchild = tmp_path / "paper" / "g.json"
+    grandchild.write_text(json.dumps({"extends": "no_rgb.json", "sources": [
+        {"name": "other", "root": str(photo_dir), "limit": 1}]}))
+    g = load_manifest(grandchild)
+    assert [s.name for s in g.sources] == ["other"] and g.raw["train"]["lambda_rgb"] == 0.0  # lists replace
+
+
+def test_extends_cycle_missing_parent_and_bad_value(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"extends": "b.json", "name": "a"}))
+    b.write_text(json.dumps({"extends": "a.json", "name": "b"}))
+    with pytest.raises(ManifestError, match=r"cycle: .*a\.json -> .*b\.json -> .*a\.json"):
+        load_manifest(a)
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps({"extends": "nope.json", "name": "c"}))
+    with pytest.raises(ManifestError, match=r"nope\.json: cannot read manifest \(extended by .*c\.json\)"):
+        load_manifest(c)
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"extends": 3, "name": "d"}))
+    with pytest.raises(ManifestError, match="extends should be a path"):
+        load_manifest(d)
+
+
+def test_print_manifest_shows_the_resolved_manifest(photo_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import run_script
+
+    parent = _base(photo_dir, tmp_path)
+    parent["sources"][0]["root"] = "${PHOTOS}"
+    (tmp_path / "p.json").write_text(json.dumps(parent))
+    child = tmp_path / "c.json"
+    child.write_text(json.dumps({"extends": "p.json", "name": "child", "train": {"lambda_fft": 0.0}}))
+    monkeypatch.setenv("PHOTOS", str(photo_dir))
+    for job in ("jobs/degrade.py", "jobs/caption.py", "jobs/embed.py", "jobs/latents.py"):
+        r = run_script(job, "--manifest", str(child), "--print-manifest")
+        assert r.returncode == 0, r.stderr
+        shown = json.loads(r.stdout)  # pure JSON on stdout
+        assert shown["name"] == "child" and shown["train"] == {"lambda_fft": 0.0}
+        assert shown["sources"][0]["root"] == str(photo_dir) and shown["seed"] == parent["seed"]
+        assert str(child.resolve()) in r.stderr and str((tmp_path / "p.json").resolve()) in r.stderr
+    monkeypatch.delenv("PHOTOS")
+    r = run_script("jobs/degrade.py", "--manifest", str(child), "--print-manifest")
+    assert r.returncode == 2 and "PHOTOS" in r.stderr

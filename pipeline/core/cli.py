@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Callable
 
-from pipeline.core.manifest import ManifestError
+from pipeline.core.manifest import ManifestError, resolved_text
 from pipeline.core.shards import DiskFullError, LockHeldError
 from pipeline.core.stage import StageInputError, StageResult
 
@@ -36,7 +36,32 @@ def stage_parser(doc: str, *, shard_required: bool = True, actors: bool = True) 
                         help="with --all: this many Ray actors, each holding the model once "
                              "(default: one per GPU of the cluster, else 1)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_print_manifest(ap)
     return ap
+
+
+def add_print_manifest(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--print-manifest", action="store_true",
+                    help="print the manifest as resolved (extends merged, ${VAR} expanded) and exit")
+
+
+def print_manifest_if_asked(argv: list[str] | None = None) -> int | None:
+    """Handle `--print-manifest` before the real parse (which may require --shard/--all):
+    0 after printing, 2 on a bad manifest, None when the flag is absent."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--print-manifest" not in argv:
+        return None
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--manifest", required=True)
+    args, _ = pre.parse_known_args(argv)
+    try:
+        text, chain = resolved_text(args.manifest)
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("resolved from " + " <- ".join(str(p) for p in chain), file=sys.stderr)
+    sys.stdout.write(text)  # pure JSON on stdout: it pipes into jq or a file
+    return 0
 
 
 def check_shard_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ from pipeline.embed.config import EmbedConfig
 from pipeline.core.image_io import IMAGE_SUFFIXES  # noqa: F401  (re-exported for source listing)
 
 TOP_LEVEL_KEYS = {
+    "extends": str,  # a parent manifest (path relative to this file) whose keys this one overrides
     "name": str,
     "description": str,
     "seed": int,
@@ -62,6 +63,7 @@ class Manifest:
     caption: CaptionConfig
     text_embed: EmbedConfig
     raw: dict[str, Any]
+    chain: tuple[Path, ...] = ()  # this file, then the manifests it extends, nearest first
 
     def section(self, key: str) -> dict[str, Any]:
         """A later stage's section, already ${VAR}-expanded (empty if absent)."""
@@ -169,20 +171,64 @@ def _sources(items: list[Any], file: Path, base: Path) -> tuple[Source, ...]:
     return tuple(out)
 
 
-def load_manifest(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-                  check_sources: bool = True) -> Manifest:
-    """Read, expand and validate a manifest. `out` (the --out flag) wins over `output`."""
-    file = Path(path)
+def _read_json(file: Path, wanted_by: Path | None = None) -> dict[str, Any]:
     try:
         text = file.read_text()
     except OSError as e:
-        raise ManifestError(f"{file}: cannot read manifest ({e.strerror})") from None
+        how = f" (extended by {wanted_by})" if wanted_by else ""
+        raise ManifestError(f"{file}: cannot read manifest{how} ({e.strerror})") from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"{file}: the top level must be a JSON object")
+    return raw
+
+
+def merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """The child's keys over the parent's: objects merge key by key, anything else
+    (strings, numbers, lists such as `sources`) is replaced whole."""
+    out = dict(parent)
+    for k, v in child.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_resolved(file: Path) -> tuple[dict[str, Any], tuple[Path, ...]]:
+    """A manifest with every `extends` resolved (before ${VAR} expansion), and the files
+    it came from. A manifest states only what it changes; a cycle or a missing parent is
+    an error naming the chain."""
+    chain: list[Path] = []
+    layers: list[dict[str, Any]] = []
+    current, wanted_by = Path(file), None
+    while True:
+        resolved = current.resolve()
+        if resolved in chain:
+            loop = " -> ".join(str(p) for p in [*chain, resolved])
+            raise ManifestError(f"{file}: \"extends\" forms a cycle: {loop}")
+        chain.append(resolved)
+        raw = _read_json(current, wanted_by)
+        layers.append(raw)
+        parent = raw.get("extends")
+        if parent is None:
+            break
+        if not isinstance(parent, str) or not parent:
+            raise ManifestError(f"{current}: extends should be a path to another manifest, got {parent!r}")
+        wanted_by, current = current, (current.parent / parent)
+    merged: dict[str, Any] = {}
+    for layer in reversed(layers):
+        merged = merge(merged, {k: v for k, v in layer.items() if k != "extends"})
+    if len(layers) > 1:
+        merged["extends"] = layers[0]["extends"]
+    return merged, tuple(chain)
+
+
+def load_manifest(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                  check_sources: bool = True) -> Manifest:
+    """Read, expand and validate a manifest. `out` (the --out flag) wins over `output`."""
+    file = Path(path)
+    raw, chain = read_resolved(file)
     for key, value in raw.items():
         if key not in TOP_LEVEL_KEYS:
             raise ManifestError(f"{file}: unknown key {key!r}; known: {sorted(TOP_LEVEL_KEYS)}")
@@ -210,4 +256,13 @@ def load_manifest(path: str | os.PathLike[str], out: str | os.PathLike[str] | No
         caption=section_config(CaptionConfig, "caption", raw.get("caption", {}), file),
         text_embed=section_config(EmbedConfig, "text_embed", raw.get("text_embed", {}), file),
         raw=raw,
+        chain=chain,
     )
+
+
+def resolved_text(path: str | os.PathLike[str]) -> tuple[str, tuple[Path, ...]]:
+    """The manifest as the jobs see it (every `extends` merged, every ${VAR} expanded) as
+    JSON text, and the files it was resolved from, nearest first."""
+    file = Path(path)
+    raw, chain = read_resolved(file)
+    return json.dumps(_expand(raw, "", file), indent=2) + "\n", chain
