@@ -71,3 +71,44 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     d = tmp_path_factory.mktemp("tiny")
     return {"llava": build_tiny_llava(d / "llava"), "sd15": build_tiny_sd(d / "sd15")}
+
+
+def ok_script(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    r = run_script(script, *args, timeout=timeout)
+    assert r.returncode == 0, f"{script} {' '.join(args)}: {r.stdout}{r.stderr}"
+    return r
+
+
+@pytest.fixture(scope="session")
+def demo_chain(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path, tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """`make demo`'s chain, small and built once: degrade (4 photos × 6 crops, 3 shards) →
+    caption (tiny LLaVA), one caption overridden with a 400-word text (so a row is an
+    override, spans several 75-token chunks and is truncated) → embed → train 2 steps →
+    degrade and export 2 held-out photos → restore and score them (jobs/demo_heldout.py).
+    Nothing is mocked; the models are the tiny random ones."""
+    d = tmp_path_factory.mktemp("demo")
+    sd = tiny_models["sd15"]
+    train = {"pretrained": str(sd), "image_encoder": str(sd / "image_encoder"), "batch_size": 2,
+             "micro_batch_size": 2, "max_steps": 2, "num_workers": 0, "checkpoint_every": 2,
+             "validate_every": 100, "validation_pairs": 2, "validation_steps": 2, "gradient_checkpointing": False}
+    m = write_manifest(d / "demo.json", [{"name": "sk", "root": str(photo_dir)}], d / "build", sections={
+        "caption": {"engine": "transformers", "model": str(tiny_models["llava"]), "max_tokens": 8},
+        "text_embed": {"model": str(sd), "max_chunks": 2}, "train": train}, crops_per_image=6, rows_per_shard=8)
+    held_src = d / "heldout_photos"
+    held_src.mkdir()
+    for name in ("chelsea.png", "rocket.jpg"):
+        (held_src / name).write_bytes((photo_dir / name).read_bytes())
+    h = write_manifest(d / "heldout.json", [{"name": "held", "root": str(held_src)}], d / "held",
+                       crops_per_image=1, usm_gt=False, use_hflip=False)
+    ok_script("jobs/degrade.py", "--manifest", str(m), "--serial", "--no-progress")
+    ok_script("jobs/caption.py", "--manifest", str(m), "--all", "--no-progress")
+    overrides = d / "overrides.jsonl"
+    overrides.write_text(json.dumps({"key": "sk/astronaut.png#0", "caption": " ".join(["astronaut"] * 400)}) + "\n")
+    ok_script("jobs/caption.py", "--manifest", str(m), "--all", "--no-progress", "--overrides", str(overrides))
+    ok_script("jobs/embed.py", "--manifest", str(m), "--all", "--no-progress")
+    ok_script("model/train.py", "--manifest", str(m), "--no-progress")
+    ok_script("jobs/degrade.py", "--manifest", str(h), "--serial", "--no-progress")
+    ok_script("jobs/export_testset.py", "--manifest", str(h))
+    ok_script("jobs/demo_heldout.py", "--build", str(d / "build"), "--heldout", str(d / "held"), "--steps", "2",
+              "--caption-model", str(tiny_models["llava"]), "--caption-max-tokens", "6")
+    return {"dir": d, "manifest": m, "build": d / "build", "held": d / "held"}
