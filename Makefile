@@ -3,13 +3,15 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The exact tested versions (setup.cfg holds ranges): the same set on every machine.
+LOCK := constraints.txt
 
 .PHONY: venv test demo bench iqa clean-demo
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -29,8 +31,7 @@ demo: $(STAMP)
 	$(PY) model/train.py --manifest manifests/demo.json --max-steps 30 --resume
 	$(PY) jobs/degrade.py --manifest manifests/demo_heldout.json
 	$(PY) jobs/export_testset.py --manifest manifests/demo_heldout.json
-	$(PY) jobs/demo_heldout.py
-	$(PY) jobs/report.py --build out/demo --heldout out/demo_heldout --out report
+	$(PY) jobs/demo_report.py
 
 # Benchmarks compare against BasicSR's own functions; it is installed without its
 # declared dependencies (they pull a second OpenCV build), see docs/benchmarks.md.

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Caption server client benchmark: is the client the bottleneck, and is its memory bounded?
+And what does a real OpenAI-compatible server cost against the in-process engine?
 
     .venv/bin/python benchmarks/caption.py [--images 640] [--concurrency 32] [--delay-ms 200]
-                                           [--out bench-out/caption.json]
+                                           [--serve-images 24] [--out bench-out/caption.json]
 
 A server answering every request after a fixed delay ``d`` with ``c`` requests in flight
 can do at most ``c / d`` captions/s; a client that keeps ``c`` requests in flight reaches
@@ -14,18 +15,24 @@ machine, so the figures are a lower bound for the client.
 Reported: captions/s and its ratio to c/d (target >= 0.9), the client's CPU ms per
 caption (PNG encoding, base64, JSON, HTTP), and the client's peak RSS growth and peak
 traced Python allocations while captioning N and 2N images (bounded memory: the same for
-both, since an image is encoded only when its request starts). Results: a table on
-stdout and JSON at --out.
+both, since an image is encoded only when its request starts).
+
+Then, in the same run: captions/s of the server engine through a real ``transformers
+serve`` (tests/transformers_serve.py, the tiny LLaVA on the CPU, a separate process) and
+of the in-process transformers engine on the same images, same greedy settings, and
+their ratio; the captions must be identical. Results: tables on stdout and JSON at --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -39,7 +46,7 @@ from PIL import Image  # noqa: E402
 
 from bench_common import busy_cores, fmt_num, proc_status_kb, render_table  # noqa: E402
 from pipeline.caption.config import CaptionConfig  # noqa: E402
-from pipeline.caption.engines import ServerEngine  # noqa: E402
+from pipeline.caption.engines import ServerEngine, TransformersEngine  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench-out" / "caption.json"
 TARGET_RATIO = 0.9
@@ -120,6 +127,16 @@ class PeakRss:
         return (self.peak_kb - self.before_kb) / 1024
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def proc_status_kb_self(field: str) -> int:
     import os
 
@@ -173,12 +190,43 @@ def run(n: int, concurrency: int, delay_s: float, timeout_s: float) -> dict[str,
         server.close()
 
 
+def serve_vs_in_process(n: int, max_tokens: int, workdir: Path) -> dict[str, Any]:
+    """The same n images captioned through transformers serve and in-process."""
+    sys.path.insert(1, str(ROOT / "tests"))
+    from demo_fixtures.tiny_llava import build_tiny_llava
+    from transformers_serve import TransformersServe
+
+    model = build_tiny_llava(workdir / "llava", seed=0)
+    images = lq_images(n, seed=1)
+    cfg = CaptionConfig(engine="transformers", model=str(model), max_tokens=max_tokens, batch_size=8,
+                        concurrency=4, retries=0, timeout_s=120.0, add_special_tokens=False)
+    local = TransformersEngine(cfg)
+    local.caption(images[:2])  # warm up
+    t0 = time.perf_counter()
+    local_results = local.caption(images)
+    local_s = time.perf_counter() - t0
+    local.close()
+    with TransformersServe(model, workdir / "serve") as serve:
+        with ServerEngine(dataclasses.replace(cfg, engine="server", server=serve.url)) as engine:
+            engine.caption(images[:2])
+            t0 = time.perf_counter()
+            served = engine.caption(images)
+            served_s = time.perf_counter() - t0
+    same = [r.caption for r in served] == [r.caption for r in local_results]
+    return {"images": n, "max_tokens": max_tokens, "in_process_captions_per_s": n / local_s,
+            "in_process_batch_size": cfg.batch_size, "serve_captions_per_s": n / served_s,
+            "serve_concurrency": cfg.concurrency, "ratio_serve_to_in_process": (n / served_s) / (n / local_s),
+            "captions_identical": same, "failed": sum(not r.ok for r in served)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=640)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--delay-ms", type=float, default=200.0, help="server delay per request")
     ap.add_argument("--timeout", type=float, default=30.0, help="client timeout per request (s)")
+    ap.add_argument("--serve-images", type=int, default=24, help="images for the transformers serve comparison")
+    ap.add_argument("--serve-max-tokens", type=int, default=24)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
 
@@ -187,6 +235,7 @@ def main() -> None:
     r["target_ratio"] = TARGET_RATIO
     r["meets_target"] = r["ratio"] >= TARGET_RATIO
     r["machine"] = {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+                    "cpu_model": _cpu_model(),
                     "busy_cores_before": busy, "note": "server and client on the same machine"}
     n = r["images"]
     rows = [
@@ -205,6 +254,17 @@ def main() -> None:
     print(render_table(["measure", "value", "note"], rows))
     if busy > 0.25:
         print(f"warning: {busy:.2f} cores were busy before the run; figures may be low")
+    with tempfile.TemporaryDirectory() as tmp:
+        s = serve_vs_in_process(args.serve_images, args.serve_max_tokens, Path(tmp))
+    r["transformers_serve"] = s
+    print(render_table(["tiny LLaVA, CPU", "captions/s", "note"], [
+        ["in-process transformers engine", fmt_num(s["in_process_captions_per_s"]),
+         f"batches of {s['in_process_batch_size']}"],
+        ["server engine -> transformers serve", fmt_num(s["serve_captions_per_s"]),
+         f"{s['serve_concurrency']} in flight"],
+        ["ratio serve / in-process", f"{s['ratio_serve_to_in_process']:.3f}",
+         f"{s['images']} images, {s['max_tokens']} tokens, identical: {s['captions_identical']}"],
+    ]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(r, indent=1))
     print(f"wrote {args.out}")

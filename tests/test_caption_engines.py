@@ -432,7 +432,8 @@ def test_server_engine_retries_and_reports_faults(cfg, model_dir, images, expect
     a 200 with finish_reason abort is a failed row, one with length a flagged caption."""
     keys = [image_key(im) for im in images]
     faults = {keys[i]: f for i, (f, _, _) in FAULTS.items()}
-    fast = dataclasses.replace(cfg, timeout_s=1.0, retries=2, concurrency=4)
+    # 6 s: a stalled reply times out, an ordinary one does not even on a loaded 2-core machine
+    fast = dataclasses.replace(cfg, timeout_s=6.0, retries=2, concurrency=4)
     with StandInServer(model_dir, faults=faults) as server:
         with ServerEngine(dataclasses.replace(fast, server=server.url), backoff_s=0.02) as engine:
             results = engine.caption(images)
@@ -472,11 +473,11 @@ def test_retry_policy_follows_vllm_status_codes() -> None:
     assert error_message(b"<html>Bad gateway</html>") == "<html>Bad gateway</html>"
 
 
-def test_server_engine_sends_max_completion_tokens_and_optional_bos(cfg) -> None:
+def test_server_engine_sends_both_token_limits_and_optional_bos(cfg) -> None:
     with StandInServer(mode="fixed", served_model=cfg.model, delay_s=0) as server:
         with ServerEngine(dataclasses.replace(cfg, server=server.url)) as engine:
             payload = engine._payload(Image.new("RGB", (8, 8)))
-        assert payload["max_completion_tokens"] == 12 and "max_tokens" not in payload
+        assert payload["max_completion_tokens"] == payload["max_tokens"] == 12
         assert payload["add_special_tokens"] is True
         with ServerEngine(dataclasses.replace(cfg, server=server.url, add_special_tokens=False)) as engine:
             assert "add_special_tokens" not in engine._payload(Image.new("RGB", (8, 8)))

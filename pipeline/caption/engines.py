@@ -625,7 +625,10 @@ class ServerEngine:
                 {"type": "text", "text": self.cfg.instruction},
             ]}],
             "temperature": 0,
-            "max_completion_tokens": self.cfg.max_tokens,  # vLLM: max_tokens is deprecated for it
+            # The current OpenAI field, and the deprecated one for servers that know only it
+            # (transformers serve < 5.21 ignores max_completion_tokens); vLLM reads the first.
+            "max_completion_tokens": self.cfg.max_tokens,
+            "max_tokens": self.cfg.max_tokens,
         }
         if self.cfg.add_special_tokens:  # vLLM extension: BOS in front, as LLM.generate does
             payload["add_special_tokens"] = True
