@@ -31,7 +31,8 @@ demo: $(STAMP)
 	$(PY) model/train.py --manifest manifests/demo.json --max-steps 30 --resume
 	$(PY) jobs/degrade.py --manifest manifests/demo_heldout.json
 	$(PY) jobs/export_testset.py --manifest manifests/demo_heldout.json
-	$(PY) jobs/demo_report.py
+	$(PY) jobs/demo_heldout.py
+	$(PY) jobs/report.py --build out/demo --heldout out/demo_heldout --out report
 
 # Benchmarks compare against BasicSR's own functions; it is installed without its
 # declared dependencies (they pull a second OpenCV build), see docs/benchmarks.md.
