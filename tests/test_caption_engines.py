@@ -571,3 +571,24 @@ def test_parse_retry_after_and_backoff(cfg) -> None:
             assert all(0.5 * min(8, 2 ** (a - 1)) <= engine._delay(a, None) <= min(8, 2 ** (a - 1))
                        for a in range(1, 7))
             assert 5.0 <= engine._delay(1, 120.0) <= 6.0  # a hint is honoured, capped, jittered
+
+
+@pytest.mark.parametrize("exc, cause", [
+    # messages as vLLM 0.33.0 raises them (vllm/transformers_utils/config.py, vllm/v1/worker/utils.py,
+    # vllm/v1/core/kv_cache_planning.py, vllm/v1/engine/utils.py) and torch's CUDA OOM
+    (ValueError("Invalid repository ID or local directory specified: '/models/llava'.\nPlease verify the "
+                "following requirements:"), "is not a model vLLM can load"),
+    (ValueError("Free memory on device cuda:0 (10.00/80.00 GiB) on startup is less than desired GPU memory "
+                "utilization (0.92, 73.60 GiB)."), "not enough GPU memory"),
+    (ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization`"),
+     "not enough GPU memory"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "not enough GPU memory"),
+    (RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}"),
+     "the engine core died while starting"),
+    (OSError("config.json not found"), "is not a model vLLM can load"),
+])
+def test_vllm_start_failure_explanations(cfg, exc, cause) -> None:
+    from pipeline.caption.engines import explain_vllm_start_failure
+
+    text = explain_vllm_start_failure(exc, cfg)
+    assert cause in text and cfg.model in text and type(exc).__name__ in text
