@@ -28,6 +28,7 @@ demo: $(STAMP)
 	$(PY) jobs/degrade.py --manifest manifests/demo.json
 	$(PY) jobs/caption.py --manifest manifests/demo.json --all --actors 2
 	$(PY) jobs/embed.py --manifest manifests/demo.json --all
+	$(PY) jobs/latents.py --manifest manifests/demo.json --all
 	$(PY) model/train.py --manifest manifests/demo.json --max-steps 30 --resume
 	$(PY) jobs/degrade.py --manifest manifests/demo_heldout.json
 	$(PY) jobs/export_testset.py --manifest manifests/demo_heldout.json
@@ -41,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/degrade.py
 	$(PY) benchmarks/caption.py
 	$(PY) benchmarks/embed.py
+	$(PY) benchmarks/latents.py
 	$(PY) benchmarks/train_loader.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/restore.py
