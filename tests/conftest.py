@@ -83,7 +83,7 @@ def ok_script(script: str, *args: str, timeout: int = 900) -> subprocess.Complet
 def demo_chain(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path, tiny_models: dict[str, Path]) -> dict[str, Path]:
     """`make demo`'s chain, small and built once: degrade (4 photos × 6 crops, 3 shards) →
     caption (tiny LLaVA), one caption overridden with a 400-word text (so a row is an
-    override, spans several 75-token chunks and is truncated) → embed → train 2 steps →
+    override, spans several 75-token chunks and is truncated) → embed → latents → train 2 steps →
     degrade and export 2 held-out photos → restore and score them (jobs/demo_heldout.py).
     Nothing is mocked; the models are the tiny random ones."""
     d = tmp_path_factory.mktemp("demo")
@@ -106,6 +106,7 @@ def demo_chain(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path, tiny_m
     overrides.write_text(json.dumps({"key": "sk/astronaut.png#0", "caption": " ".join(["astronaut"] * 400)}) + "\n")
     ok_script("jobs/caption.py", "--manifest", str(m), "--all", "--no-progress", "--overrides", str(overrides))
     ok_script("jobs/embed.py", "--manifest", str(m), "--all", "--no-progress")
+    ok_script("jobs/latents.py", "--manifest", str(m), "--all", "--no-progress")
     ok_script("model/train.py", "--manifest", str(m), "--no-progress")
     ok_script("jobs/degrade.py", "--manifest", str(h), "--serial", "--no-progress")
     ok_script("jobs/export_testset.py", "--manifest", str(h))

@@ -289,6 +289,12 @@ def test_full_build_captions_embeddings_training(demo_chain: dict[str, Path], tm
     assert e["chunks"] == {str(k): v for k, v in sorted(Counter(r["num_chunks"] for r in emb).items())}
     size = sum(p.stat().st_size for p in (demo_chain["build"] / "text_emb").glob("shard-*.arrow"))
     assert e["bytes_per_row"] == pytest.approx(size / len(emb))
+    lat = stats["latents"]
+    pairs_rows = len(_rows(demo_chain["build"]))
+    lat_size = sum(p.stat().st_size for p in (demo_chain["build"] / "latents").glob("shard-*.arrow"))
+    assert lat["rows"] == pairs_rows and lat["bytes_per_row"] == pytest.approx(lat_size / pairs_rows)
+    side = json.loads(next((demo_chain["build"] / "latents").glob("shard-*.arrow.json")).read_text())
+    assert lat["details"]["moments shape"] == side["moments"]["shape"]
     t = stats["training"]
     assert t["steps"] == 2 and set(t["losses"]) >= {"loss", "eps", "rgb", "fft"}
     assert stats["evaluation"]["datasets"][0]["rows"][0]["images"] == 2

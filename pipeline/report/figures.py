@@ -149,7 +149,7 @@ def bar_figure(title: str, labels: Sequence[str], counts: Sequence[float], path:
     if horizontal:
         y = np.arange(len(labels))
         ax.barh(y, counts, color=OBSERVED)
-        ax.set_yticks(y, [str(v)[:60] for v in labels], fontsize=8)
+        ax.set_yticks(y, [str(v) if len(str(v)) <= 32 else str(v)[:31] + "…" for v in labels], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel(xlabel)
         for yi, c in zip(y, counts):

@@ -26,7 +26,7 @@ img.fig{max-width:100%;display:block;margin:.4em 0}
 .pair ol{margin:.3em 0 0 1.2em;padding:0;font-size:.85em}.pair .key{font-size:.8em;color:#555;word-break:break-all}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em .8em;margin:.6em 0}
 details{margin:.2em 0 1em}summary{cursor:pointer;color:#345}
-.caps td img{width:128px;height:128px;image-rendering:pixelated}
+.caps td img{width:128px;height:128px;image-rendering:pixelated}.caps td:last-child{word-break:break-word}
 """
 
 esc = html.escape
@@ -343,10 +343,20 @@ def _evaluation(s: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _rate(r: dict[str, Any]) -> str:
+    """A rate, and for slow stages the time per item too (0.03 images/s reads badly)."""
+    rate = r.get("rate")
+    if not isinstance(rate, (int, float)) or rate <= 0:
+        return "–"
+    text = f"{_num(rate)} {r['rate_unit']}"
+    per = r.get("per") or r["unit"].rstrip("s")
+    return text + (f" ({1 / rate:,.1f} s per {per})" if rate < 1 else "")
+
+
 def _throughput(s: dict[str, Any]) -> str:
     rows = [(r["stage"], _num(r["rows"]) if r.get("rows") is not None else "–",
-             _num(r.get("seconds"), 1) if r.get("seconds") is not None else "–",
-             f"{_num(r['rate'])} {r['rate_unit']}" if r.get("rate") is not None else "–", r["detail"])
+             _num(r["seconds"], 1 if r["seconds"] >= 1 else 3) if r.get("seconds") is not None else "–",
+             _rate(r), r["detail"])
             for r in s["throughput"]]
     return ("<h2 id='throughput'>Throughput</h2><p>Work time from each stage's own timing (sidecars, metrics.jsonl, "
             "restore.json): a rate per worker, to be multiplied by the workers a stage ran on.</p>"

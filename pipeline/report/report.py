@@ -177,7 +177,7 @@ def _throughput(stages: dict[str, StageShards], training: dict[str, Any] | None,
             rows.append({"stage": name, "rows": st.rows, "seconds": total, "unit": "rows", "detail": "shard wall time"})
     if training:
         rows.append({"stage": "train", "rows": training["steps"], "seconds": None, "unit": "steps",
-                     "rate": training["samples_per_s"], "rate_unit": "samples/s",
+                     "rate": training["samples_per_s"], "rate_unit": "samples/s", "per": "sample",
                      "detail": f"median over steps after the first two; data wait {100 * training['data_wait']:.2f}% of a step"})
     if held and held.get("restore", {}).get("seconds"):
         r = held["restore"]
@@ -238,7 +238,11 @@ def _latents_summary(stages: dict[str, StageShards]) -> dict[str, Any] | None:
     st = stages["latents"]
     sides = list(st.sidecars.values())
     first = sides[0] if sides else {}
-    shown = {k: first[k] for k in ("shape", "moments_shape", "dtype", "scaling_factor", "vae") if k in first}
+    moments, vae = first.get("moments") or {}, first.get("vae") or {}
+    shown = {"moments shape": moments.get("shape"), "stored dtype": moments.get("dtype"),
+             "layout": moments.get("layout"), "VAE": vae.get("ref"), "VAE class": vae.get("class"),
+             "scaling factor": vae.get("scaling_factor")}
+    shown = {k: v for k, v in shown.items() if v is not None}
     return {"rows": st.rows, "shards": len(sides), "bytes": st.bytes,
             "bytes_per_row": st.bytes / st.rows if st.rows else None, "details": shown}
 
