@@ -91,7 +91,7 @@ def split_applicable(metrics: Sequence[str], have_reference: bool) -> tuple[list
     return run, [k for k in metrics if METRICS[k].needs_reference]
 
 
-def _build_scorers(metrics: Sequence[str], device: str, caches: Caches, download: bool, clip_model: str,
+def _build_scorers(metrics: Sequence[str], device: str, caches: Caches | None, download: bool, clip_model: str,
                    pyiqa_names: dict[str, str], not_computed: dict[str, str]) -> dict[str, Any]:
     """One scorer per metric that can run here; the others get their reason."""
     scorers: dict[str, Any] = {}
@@ -101,8 +101,10 @@ def _build_scorers(metrics: Sequence[str], device: str, caches: Caches, download
             if spec.backend == "numpy":
                 scorers[key] = None
             elif spec.backend == "clip":
+                assert caches is not None
                 scorers[key] = build_clip_i(clip_model, device, caches, download)
             else:
+                assert caches is not None
                 scorers[key] = build_pyiqa_metric(spec, device, caches, download, pyiqa_names.get(key))
         except NotComputed as e:
             not_computed[key] = e.reason
@@ -144,8 +146,9 @@ def evaluate(restored: Path, reference: Path | None = None, metrics: Sequence[st
     metrics, not_applicable = split_applicable(parse_metrics(metrics), reference is not None)
     pairs = pair_folders(restored, reference)
     check_sizes(pairs)
-    device = device or _default_device()
-    caches = caches or Caches.of_libraries()
+    learned = any(METRICS[k].backend != "numpy" for k in metrics)  # PSNR/SSIM alone need no torch
+    device = device or (_default_device() if learned else "cpu")
+    caches = caches or (Caches.of_libraries() if learned else None)
     not_computed: dict[str, str] = {}
     scorers = _build_scorers(metrics, device, caches, download, clip_model, pyiqa_names or {}, not_computed)
     per_image: dict[str, dict[str, float]] = {p.name: {} for p in pairs}
@@ -198,7 +201,7 @@ def _progress(pairs: Sequence[Pair], show: bool) -> Any:
 
 
 def _settings(restored: Path, reference: Path | None, crop_border: int, device: str, clip_model: str,
-              pyiqa_names: dict[str, str], caches: Caches) -> dict[str, Any]:
+              pyiqa_names: dict[str, str], caches: Caches | None) -> dict[str, Any]:
     versions: dict[str, str] = {}
     for mod in ("pyiqa", "torch", "timm"):
         m = sys.modules.get(mod)
@@ -209,7 +212,7 @@ def _settings(restored: Path, reference: Path | None, crop_border: int, device: 
         "psnr_ssim": "Y channel (BT.601, BasicSR rgb2ycbcr), SSIM 11x11 Gaussian sigma 1.5",
         "crop_border": crop_border, "device": device, "clip_model": clip_model,
         "pyiqa_names": {k: pyiqa_names.get(k, s.pyiqa_name) for k, s in METRICS.items() if s.pyiqa_name},
-        "weight_caches": {"torch_hub": str(caches.torch_hub), "pyiqa": str(caches.pyiqa),
-                          "hf_hub": str(caches.hf_hub)},
+        "weight_caches": None if caches is None else {
+            "torch_hub": str(caches.torch_hub), "pyiqa": str(caches.pyiqa), "hf_hub": str(caches.hf_hub)},
         "versions": versions,
     }
