@@ -141,3 +141,16 @@ def test_all_shards_on_ray_actors_match_single_shard_runs(build) -> None:
     for s in range(3):  # the same captions as a local single-shard run
         run_captions(out, manifest.caption, s, {}, force=True, show_progress=False)
         assert _captions(out, s) == actor_made[s]
+
+
+def test_actors_span_the_gpus_of_one_vllm_replica(tmp_path: Path) -> None:
+    """Placement only (no GPU here): 8 GPUs make 8 single-GPU actors, or 4 of 2 GPUs each
+    with tensor_parallel_size 2; a server engine needs no GPU at all."""
+    from pipeline.caption.config import CaptionConfig
+    from pipeline.caption.stage import CaptionStage
+
+    assert CaptionStage(tmp_path, CaptionConfig(engine="vllm")).actor_resources(8) == (8, {"num_gpus": 1})
+    tp2 = CaptionConfig(engine="vllm", vllm={"tensor_parallel_size": 2})
+    assert CaptionStage(tmp_path, tp2).actor_resources(8) == (4, {"num_gpus": 2})
+    assert CaptionStage(tmp_path, CaptionConfig(engine="server")).actor_resources(8) == (1, {"num_cpus": 1})
+    assert CaptionStage(tmp_path, CaptionConfig(engine="transformers")).actor_resources(0) == (1, {"num_cpus": 1})

@@ -135,9 +135,11 @@ class CaptionStage(Stage):
             self._engine = None
 
     def actor_resources(self, cluster_gpus: int) -> tuple[int, dict[str, float]]:
-        """One actor per GPU for in-process engines; CPU actors for a server or a CPU cluster."""
+        """One actor per model replica for in-process engines (a replica spans
+        `caption.vllm.tensor_parallel_size` GPUs); CPU actors for a server or a CPU cluster."""
         if self.cfg.engine != "server" and cluster_gpus:
-            return cluster_gpus, {"num_gpus": 1}
+            tp = int(self.cfg.vllm.get("tensor_parallel_size", 1)) if self.cfg.engine == "vllm" else 1
+            return max(1, cluster_gpus // tp), {"num_gpus": tp}
         return 1, {"num_cpus": 1}
 
     def _kept_rows(self, shard: int, pairs_sha: str) -> dict[str, Row]:
