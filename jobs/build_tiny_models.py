@@ -7,6 +7,7 @@ runs its real code path on a CPU without downloading anything. They restore noth
 useful: random weights caption and encode noise.
 
   .cache/tiny/llava/   LlavaForConditionalGeneration + processor (tokenizer trained here)
+  .cache/tiny/blip/    BlipForConditionalGeneration + processor (Table III's BLIP-caption row)
   .cache/tiny/sd15/    SD1.5-shaped folder: tokenizer/ (the real CLIP BPE), text_encoder/, unet/,
                        vae/, scheduler/ and image_encoder/ (a timm CLIP ViT shaped like ViT-L/14)
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from demo_fixtures.tiny_blip import build_tiny_blip  # noqa: E402
 from demo_fixtures.tiny_llava import build_tiny_llava  # noqa: E402
 from demo_fixtures.tiny_sd import build_tiny_sd  # noqa: E402
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=".cache/tiny", help="folder to build into")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    for name, build in (("llava", build_tiny_llava), ("sd15", build_tiny_sd)):
+    for name, build in (("llava", build_tiny_llava), ("blip", build_tiny_blip), ("sd15", build_tiny_sd)):
         target = out / name
         build(target)
         print(f"built {target}")

@@ -249,48 +249,72 @@ def _base_describe(cfg: CaptionConfig, engine: str) -> dict[str, Any]:
 
 
 class TransformersEngine:
-    """LLaVA through transformers, greedy, in batches of ``cfg.batch_size``.
+    """A captioner through transformers, greedy, in batches of ``cfg.batch_size``.
 
-    Meant for small runs and tests (a 7B model on a CPU makes a caption in tens of
-    seconds); uses CUDA in float16 when available.
+    LLaVA (the paper's MLLM: the instruction in LLaVA-1.5's prompt) or a BLIP-family
+    captioner (Table III's BLIP row: unconditional captioning, no instruction), told apart
+    by the checkpoint's ``model_type``. Meant for small runs and tests (a 7B model on a
+    CPU makes a caption in tens of seconds); uses CUDA in float16 when available.
     """
 
     name = "transformers"
+    FAMILIES = {"llava": "LlavaForConditionalGeneration", "blip": "BlipForConditionalGeneration",
+                "blip-2": "Blip2ForConditionalGeneration"}
 
     def __init__(self, cfg: CaptionConfig, device: str | None = None) -> None:
         check_model_ref(cfg.model)
         import torch
         import transformers
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor
 
         self.cfg = cfg
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         try:
+            self.family = AutoConfig.from_pretrained(cfg.model).model_type
+            if self.family not in self.FAMILIES:
+                raise EngineError(f"caption.model {cfg.model!r} is a {self.family!r} model; the transformers "
+                                  f"engine captions with {sorted(self.FAMILIES)} models")
+            model_cls = getattr(transformers, self.FAMILIES[self.family])
             self.processor = AutoProcessor.from_pretrained(cfg.model)
-            self.model = LlavaForConditionalGeneration.from_pretrained(cfg.model, dtype=self.dtype)
+            self.model = model_cls.from_pretrained(cfg.model, dtype=self.dtype)
         except (OSError, ValueError) as exc:
-            raise EngineError(f"cannot load LLaVA model {cfg.model!r}: {exc}") from exc
+            raise EngineError(f"cannot load the captioner {cfg.model!r}: {exc}") from exc
         self.model.to(self.device).eval()
-        check_prompt(self.processor, cfg)
-        # Batched generation appends new tokens on the right: pad prompts on the left.
-        self.processor.tokenizer.padding_side = "left"
+        if self.family == "llava":
+            check_prompt(self.processor, cfg)
+            # Batched generation appends new tokens on the right: pad prompts on the left.
+            self.processor.tokenizer.padding_side = "left"
         eos = self.model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        # BLIP's generate hands only its keyword arguments to its text decoder (it sets the
+        # special tokens itself): pass the checkpoint's other generation settings explicitly.
+        self._generation_kwargs: dict[str, Any] = {}
+        if self.family == "blip":
+            self._eos.add(self.model.config.text_config.sep_token_id)  # the decoder stops on [SEP]
+            self._generation_kwargs = {k: v for k, v in self.model.generation_config.to_diff_dict().items()
+                                       if k not in ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample",
+                                                    "max_new_tokens", "transformers_version")}
         self._torch = torch
         self._versions = {"transformers": transformers.__version__, "torch": torch.__version__}
 
     def describe(self) -> dict[str, Any]:
-        return {**_base_describe(self.cfg, self.name), "batch_size": self.cfg.batch_size,
-                "device": self.device, "dtype": str(self.dtype).removeprefix("torch."), **self._versions}
+        prompt = {} if self.family == "llava" else {"prompt": None, "conditioning": "unconditional captioning"}
+        return {**_base_describe(self.cfg, self.name), "family": self.family, **prompt,
+                "batch_size": self.cfg.batch_size, "device": self.device,
+                "dtype": str(self.dtype).removeprefix("torch."), **self._versions}
 
     def _generate(self, images: list[Image.Image], tick: Callable[[int], None]) -> list[CaptionResult]:
-        inputs = self.processor(text=[self.cfg.prompt()] * len(images), images=images,
-                                return_tensors="pt", padding=True).to(self.device)
+        if self.family == "llava":
+            inputs = self.processor(text=[self.cfg.prompt()] * len(images), images=images,
+                                    return_tensors="pt", padding=True).to(self.device)
+        else:
+            inputs = self.processor(images=images, return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with self._torch.inference_mode():
-            out = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.cfg.max_tokens)
-        new = out[:, inputs["input_ids"].shape[1]:]
+            out = self.model.generate(**inputs, **self._generation_kwargs, do_sample=False,
+                                      max_new_tokens=self.cfg.max_tokens)
+        new = out[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out[:, 1:]  # BLIP: drop [DEC]
         texts = self.processor.batch_decode(new, skip_special_tokens=True)
         # A row that produced EOS stopped; one that did not ran out of max_new_tokens.
         finishes = [STOP if self._eos & {int(t) for t in row} else LENGTH for row in new]
