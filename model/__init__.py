@@ -1,9 +1,8 @@
-"""SSP-IR networks (frozen SD1.5 + Processor, ControlNet, Refine Layer, prior-guided attention).
-
-One job per module: processor.py, refine.py, controlnet.py, attention.py, image_encoder.py,
-sspir.py (the assembled model), summary.py (`python -m model.summary --manifest M`).
-The trainer and data loader live beside them. Names are imported lazily so that importing
-`model.<something>` does not load diffusers/timm unless needed.
+"""SSP-IR: the networks (model/networks/), the trainer and its data path (model/training/),
+restoration (model/inference/) and evaluation (model/evaluation/), with thin CLIs beside them
+(train.py, restore.py, evaluate.py, summary.py: `python -m model.summary --manifest M`).
+Names are imported lazily so that importing `model.<something>` does not load diffusers/timm
+unless needed.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ _EXPORTS = {
     "Processor": "model.networks.processor",
     "RefineLayer": "model.networks.refine",
     "PriorAttentionSet": "model.networks.attention",
+    "PriorBlocks": "model.networks.blocks",
+    "RGBHeads": "model.networks.conditioning",
     "ImageEncoder": "model.networks.image_encoder",
     "load_image_encoder": "model.networks.image_encoder",
     "controlnet_from_unet": "model.networks.controlnet",

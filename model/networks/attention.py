@@ -1,5 +1,7 @@
-"""Prior-guided attention as diffusers attention processors (no forked UNet).
+"""The "adapter" attention layout: prior-guided attention as diffusers attention processors.
 
+This is the lighter of the two layouts (`train.attention_layout: "adapter"`; the default,
+"paper", is model/networks/blocks.py). It is this project's own design, not the authors':
 SSP-IR guides SD1.5 with three kinds of cross-attention in the UNet:
 
 * text cross-attention, SD1.5's own `attn2` (frozen), on the caption embedding;
@@ -15,12 +17,12 @@ processors: `PriorAttnProcessor` replaces the processor of every `attn2` and com
 `to_out(text attention) + image.to_out(image attention) + structure.to_out(structure
 attention)`, SD1.5's text path computed exactly as `AttnProcessor2_0` does (with
 `F.scaled_dot_product_attention`). The extra inputs travel in the UNet's
-`cross_attention_kwargs` as `image_tokens` (B, N, D) and `structure_residuals` (the
-ControlNet's down-block residuals, in the order the ControlNet returns them). diffusers'
-`Attention.forward` keeps only keyword arguments that the processor's `__call__` declares
-and warns about the rest, and `BasicTransformerBlock` hands the same kwargs to the
-self-attention `attn1`, so `attn1` gets `PriorPassThroughProcessor`, which declares and
-ignores them.
+`cross_attention_kwargs` as one `PriorInputs` object (model/networks/prior_inputs.py) under
+the key "sspir": the refined image tokens and the ControlNet's down-block residuals, in the
+order the ControlNet returns them. diffusers' `Attention.forward` keeps only keyword
+arguments that the processor's `__call__` declares and warns about the rest, and
+`BasicTransformerBlock` hands the same kwargs to the self-attention `attn1`, so `attn1` gets
+`PriorPassThroughProcessor`, which declares and ignores it.
 
 Which ControlNet output a structure attention reads: an up block's resnet j concatenates
 one skip connection, the down-path sample that the ControlNet's matching residual was
@@ -64,6 +66,9 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 from torch.nn import functional as F
+
+from model.networks.prior_inputs import PriorInputs
+from model.networks.unet_layout import controlnet_residual_layout, up_block_residual_index
 
 CONFIG_FORMAT = "ssp-ir.prior_attention"
 CONFIG_VERSION = 1
@@ -123,12 +128,6 @@ class PriorAttention(nn.Module):
                           if spec.structure_channels else None)
 
 
-def _check_batch(name: str, what: str, tensor: torch.Tensor, batch: int) -> None:
-    if tensor.shape[0] != batch:
-        raise ValueError(f"{name}: {what} has batch {tensor.shape[0]} but the UNet's hidden states have {batch} "
-                         "(with classifier-free guidance, repeat the priors for both halves)")
-
-
 class PriorAttnProcessor:
     """SD1.5's cross-attention (as AttnProcessor2_0) + image attention + structure attention.
 
@@ -142,8 +141,7 @@ class PriorAttnProcessor:
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 image_tokens: torch.Tensor | None = None,
-                 structure_residuals: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                 sspir: PriorInputs | None = None) -> torch.Tensor:
         spec = self.layer.spec
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -181,19 +179,15 @@ class PriorAttnProcessor:
         text = text.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](text))
 
+        inputs = sspir or PriorInputs()
+        image_tokens = inputs.tokens_for(spec.name, batch_size)
         if image_tokens is not None:
-            _check_batch(spec.name, "image_tokens", image_tokens, batch_size)
             hidden_states = hidden_states + self.layer.image(query, image_tokens).to(hidden_states.dtype)
-        if self.layer.structure is not None and structure_residuals is not None:
-            feature = structure_residuals[spec.structure_index]
-            _check_batch(spec.name, "the structure residual", feature, batch_size)
-            tokens = feature.flatten(2).transpose(1, 2)  # (B, h·w, C)
-            if tokens.shape[1] != query.shape[2] or tokens.shape[2] != spec.structure_channels:
-                raise ValueError(
-                    f"{spec.name}: ControlNet residual {spec.structure_index} has shape {tuple(feature.shape)}, "
-                    f"expected {spec.structure_channels} channels and {query.shape[2]} positions (this layer's "
-                    "resolution); pass the ControlNet's down_block_res_samples in its own order")
-            hidden_states = hidden_states + self.layer.structure(query, tokens).to(hidden_states.dtype)
+        if self.layer.structure is not None:
+            tokens = inputs.residual_for(spec.name, spec.structure_index, batch_size, query.shape[2],
+                                         spec.structure_channels)
+            if tokens is not None:
+                hidden_states = hidden_states + self.layer.structure(query, tokens).to(hidden_states.dtype)
 
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
@@ -204,35 +198,12 @@ class PriorAttnProcessor:
 
 class PriorPassThroughProcessor(AttnProcessor2_0):
     """SD's own SDPA processor for the layers without priors (self-attention); it declares the
-    prior keyword arguments so that diffusers passes them silently, and ignores them."""
+    prior keyword argument so that diffusers passes it silently, and ignores it."""
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 image_tokens: torch.Tensor | None = None,
-                 structure_residuals: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                 sspir: PriorInputs | None = None) -> torch.Tensor:
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-
-def controlnet_residual_layout(unet: nn.Module) -> list[int]:
-    """Channels of each down-block residual, in the order UNet/ControlNet produce them:
-    conv_in, then every resnet (+attention) output of each down block, then its downsampler."""
-    channels = [unet.conv_in.out_channels]
-    for block in unet.down_blocks:
-        channels += [resnet.out_channels for resnet in block.resnets]
-        if getattr(block, "downsamplers", None) is not None:
-            channels += [ds.out_channels for ds in block.downsamplers]
-    return channels
-
-
-def up_block_residual_index(unet: nn.Module, block: int, layer: int) -> int:
-    """Index (in the ControlNet's down residuals) of the skip that up block `block`'s resnet `layer` concatenates.
-
-    diffusers hands up block i the last len(resnets) residuals not yet used and each resnet
-    pops the last one, so up blocks consume the residual list from the end.
-    """
-    total = len(controlnet_residual_layout(unet))
-    used = sum(len(unet.up_blocks[k].resnets) for k in range(block))
-    return total - 1 - used - layer
 
 
 def prior_specs(unet: nn.Module, image_dim: int, structure: bool = True) -> list[PriorAttentionSpec]:
