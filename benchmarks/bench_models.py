@@ -22,7 +22,7 @@ def build_sd15_random(sd: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from model.summary import SD15_TEXT_ENCODER, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+    from model.networks.counting import SD15_TEXT_ENCODER, SD15_UNET_CONFIG, SD15_VAE_CONFIG
     from demo_fixtures.tiny_sd import SD15_SCHEDULER, build_clip_tokenizer, build_image_encoder, build_text_encoder
 
     if (sd / "model_index.json").is_file():
@@ -42,9 +42,11 @@ def build_sd15_random(sd: Path) -> Path:
     return sd
 
 
-def ensure_random_run(run: Path, sd: Path, processor: dict[str, Any] | None = None, scale: float = 0.05) -> Path:
+def ensure_random_run(run: Path, sd: Path, processor: dict[str, Any] | None = None, scale: float = 0.05,
+                      attention_layout: str = "paper") -> Path:
     """A run folder holding one checkpoint (trainable/ + trainer_state.json, what
-    model/restore.py reads) of SSP-IR on the SD1.5-layout folder `sd`, built once.
+    model/restore.py reads) of SSP-IR in `attention_layout` on the SD1.5-layout folder `sd`,
+    built once.
 
     The zero-initialised layers get random values (× `scale`), as training would give them,
     so the priors really take part in the computation being measured."""
@@ -57,14 +59,16 @@ def ensure_random_run(run: Path, sd: Path, processor: dict[str, Any] | None = No
     if (ckpt / "trainer_state.json").is_file():
         return run
     torch.manual_seed(0)
-    model = SSPIR.from_pretrained(str(sd), str(sd / "image_encoder"), processor_kwargs=processor)
+    model = SSPIR.from_pretrained(str(sd), str(sd / "image_encoder"), attention_layout=attention_layout,
+                                  processor_kwargs=processor)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.trainable.parameters():
             if not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     model.save_trainable(ckpt / "trainable")
-    cfg = TrainConfig(pretrained=str(sd), image_encoder=str(sd / "image_encoder"), processor=processor or {})
+    cfg = TrainConfig(pretrained=str(sd), image_encoder=str(sd / "image_encoder"), attention_layout=attention_layout,
+                      processor=processor or {})
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "config": cfg.to_dict()}))
     return run
 

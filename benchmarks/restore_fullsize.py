@@ -3,12 +3,13 @@
 what computing the static priors once per image (instead of every step) saves.
 
     .venv/bin/python benchmarks/restore_fullsize.py                    # CPU: 2 steps, extrapolated to 50
-    python benchmarks/restore_fullsize.py --device cuda --dtype bf16 --steps 50   # on a GPU
+    python benchmarks/restore_fullsize.py --device cuda --dtype bf16 --steps 50 [--layout adapter]  # on a GPU
 
 Builds once, under --cache (about 8 GB, float32 safetensors): an SD1.5-layout folder with
-SD1.5's UNet, VAE, scheduler and CLIP ViT-L/14 text encoder configs (model/summary.py) and a
+SD1.5's UNet, VAE, scheduler and CLIP ViT-L/14 text encoder configs (model/networks/counting.py) and a
 timm CLIP ViT-L/14 image encoder, all random; and a checkpoint of SSP-IR's trainable parts
-at their default sizes with the zero-initialised layers given random values. Everything is
+in --layout (paper: the default; adapter) at their default sizes with the zero-initialised
+layers given random values. Everything is
 loaded back through `from_pretrained` by model/restore.py's `Restorer`, as real weights are.
 
 Measured in one process, same inputs, 128² LQ → 512², CFG 7.5, DDPM:
@@ -43,10 +44,10 @@ from bench_models import astronaut_lq, build_sd15_random, ensure_random_run  # n
 PROMPT = "an astronaut in a white space suit standing in front of a flag, sharp detailed photograph"
 
 
-def ensure_run(cache: Path) -> Path:
+def ensure_run(cache: Path, layout: str) -> Path:
     """A run folder with one checkpoint of SSP-IR's trainable parts at their default sizes."""
     sd = build_sd15_random(cache / "sd15")
-    return ensure_random_run(cache / "run", sd, scale=0.01)
+    return ensure_random_run(cache / f"run-{layout}", sd, scale=0.01, attention_layout=layout)
 
 
 def per_step_priors(model: Any, text: Any, uncond: Any, lq: Any, lq_up: Any, guidance: float) -> Callable:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="DDPM steps of the end-to-end restore "
                     "(default 50 on CUDA, 2 on the CPU; s/50 steps is extrapolated from s/step)")
     ap.add_argument("--compare-steps", type=int, default=2, help="steps timed for cached vs per-step priors")
+    ap.add_argument("--layout", default="paper", choices=("paper", "adapter"), help="attention layout")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench-restore-fullsize")
     ap.add_argument("--run", type=Path, help="measure this run folder instead of building the SD1.5-size one "
                     "(e.g. .cache/bench-restore/run, the tiny model of benchmarks/restore.py)")
@@ -80,15 +82,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from model.restore import RestoreSettings, Restorer, lq_tensors, make_scheduler
+    from model.inference.images import lq_tensors
+    from model.inference.restorer import RestoreSettings, Restorer
     from model.inference.sampling import restore as sample
     from model.inference.sampling import whole_image
+    from model.inference.scheduler import make_scheduler
 
     cuda = args.device.startswith("cuda")
     steps = args.steps or (50 if cuda else 2)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = args.run or ensure_run(args.cache)
+    run = args.run or ensure_run(args.cache, args.layout)
 
     def sync() -> None:
         if cuda:
@@ -135,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     counts = {k: sum(p.numel() for p in m.parameters()) / 1e6
               for k, m in (("unet", model.unet), ("controlnet", model.controlnet), ("vae", model.vae),
-                           ("image_encoder", model.image_encoder), ("processor", model.processor))}
+                           ("image_encoder", model.image_encoder), ("processor", model.processor),
+                           ("prior", model.prior))}
     result = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+        "attention_layout": model.attention_layout,
         "dtype": str(restorer.dtype).removeprefix("torch."), "output": list(res.image.shape),
         "load_seconds": round(load_s, 2), "restore_steps": steps, "restore_seconds": round(restore_s, 3),
         # the steps not run, at the cached rate (steps after the first, which adds the one-off priors)

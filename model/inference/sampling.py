@@ -1,15 +1,20 @@
 """Restoration sampling: LRE start, classifier-free guidance, a diffusers scheduler.
 
 LRE (as SeeSR): instead of pure noise, start from the LQ latent noised to the first
-timestep (t = 999 with a "trailing" schedule, as model/restore.py uses), which carries
-the LQ's low frequencies into the result. The unconditional branch drops the text (the
-empty prompt), as the authors do; the structure and image priors stay on in both
+timestep (t = 999 with the "trailing" schedule of model/inference/scheduler.py), which
+carries the LQ's low frequencies into the result. The unconditional branch drops the text
+(the empty prompt), as the authors do; the structure and image priors stay on in both
 branches.
 
-The loop is split into pieces so that model/restore.py can swap how the noise is
-predicted (tiles blended in latent space) without a second copy of the loop:
-`restore(..., predictor=...)` takes a factory that returns `predict(latents, t) -> ε`;
-the default predicts on the whole latent at once.
+Precision: the networks may run in bf16 (frozen parts stored in bf16, autocast), but the
+diffusion state does not: the latents, the guidance combination ε_u + w·(ε_c − ε_u) and
+every scheduler step are float32. In bf16 (8-bit mantissa) 50 steps would accumulate
+rounding error, and guidance multiplies the difference of two predictions by 7.5.
+
+The loop is split into pieces so that tiled restoration (model/inference/tiling.py) can swap
+how the noise is predicted without a second copy of the loop: `restore(..., predictor=...)`
+takes a factory that returns `predict(latents, t) -> ε`; the default predicts on the whole
+latent at once.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ OnStep = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def lre_start(model: Any, scheduler: Any, lq_up: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The LQ latent noised to the scheduler's first timestep."""
-    latents = model.encode_images(lq_up, sample=False)
-    noise = torch.randn(latents.shape, generator=generator, device="cpu", dtype=torch.float32).to(latents)
+    """The LQ latent noised to the scheduler's first timestep (float32)."""
+    latents = model.encode_images(lq_up, sample=False).float()
+    noise = torch.randn(latents.shape, generator=generator, device="cpu", dtype=torch.float32).to(latents.device)
     t = scheduler.timesteps[:1].repeat(latents.shape[0]).to(latents.device)
     return scheduler.add_noise(latents, noise, t)
 
@@ -54,19 +59,20 @@ def doubled(static: Static) -> Static:
 def guided_noise(model: Any, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
                  lq: torch.Tensor, lq_up: torch.Tensor, guidance: float, static: Static | None = None
                  ) -> torch.Tensor:
-    """ε̂ with classifier-free guidance: both branches in one batch, priors on in both.
+    """ε̂ (float32) with classifier-free guidance: both branches in one batch, priors on in both.
 
     `static` is `model.static_priors(lq, lq_up)`, computed once per image or tile by the
-    caller; without it they are computed here (once, for both branches)."""
+    caller; without it they are computed here (once, for both branches). The networks'
+    output is taken to float32 before the two branches are combined."""
     tt = t.repeat(latents.shape[0]).to(latents.device)
     if static is None:
         static = model.static_priors(lq, lq_up)
     if guidance == 1.0:
-        return model(latents, tt, text, lq, lq_up, static=static)[0]
+        return model(latents, tt, text, lq, lq_up, static=static)[0].float()
     both = torch.cat([latents, latents])
     pred = model(both, torch.cat([tt, tt]), torch.cat([uncond, text]),
                  torch.cat([lq, lq]), torch.cat([lq_up, lq_up]), static=doubled(static))[0]
-    p_uncond, p_text = pred.chunk(2)
+    p_uncond, p_text = pred.float().chunk(2)
     return p_uncond + guidance * (p_text - p_uncond)
 
 
@@ -109,11 +115,13 @@ def whole_image(model: Any, text: torch.Tensor, uncond: torch.Tensor, lq: torch.
 
 def denoise(scheduler: Any, latents: torch.Tensor, predict: Predict, generator: torch.Generator,
             on_step: OnStep | None = None) -> torch.Tensor:
-    """Run the scheduler's timesteps from `latents`; `on_step` sees the latents before each step."""
+    """Run the scheduler's timesteps from `latents`; `on_step` sees the latents before each step.
+    The state and each step are float32, whatever the predictor's networks run in."""
+    latents = latents.float()
     for i, t in enumerate(scheduler.timesteps):
         if on_step is not None:
             on_step(i, t, latents)
-        latents = scheduler.step(predict(latents, t), t, latents, generator=generator).prev_sample
+        latents = scheduler.step(predict(latents, t).float(), t, latents, generator=generator).prev_sample.float()
     return latents
 
 
@@ -132,4 +140,4 @@ def restore(model: Any, scheduler: Any, lq: torch.Tensor, lq_up: torch.Tensor, t
     latents = lre_start(model, scheduler, lq_up, generator)
     predict = predictor(model, text, uncond_like(empty, text), lq, lq_up, guidance)
     latents = denoise(scheduler, latents, predict, generator, on_step)
-    return model.vae.decode(latents / model.vae.config.scaling_factor).sample.clamp(-1, 1)
+    return model.decode_latents(latents)
