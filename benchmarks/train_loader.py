@@ -124,7 +124,7 @@ def prepare(work: Path, rows: int, hidden: int) -> Path:
 
 
 def choose_build(arg: str | None, rows: int, hidden: int) -> tuple[Path, str]:
-    from model.training.data import BuildError, verify_build
+    from model.training.verify import BuildError, verify_build
 
     candidates = [Path(arg)] if arg else [ROOT / "out" / "demo", WORK / "build"]
     for c in candidates:

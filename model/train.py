@@ -4,14 +4,17 @@
   python model/train.py --manifest manifests/full.json                   # one process (CPU or one GPU)
   accelerate launch --num_processes 8 model/train.py --manifest manifests/full.json   # DDP
   torchrun --nproc_per_node 8 model/train.py --manifest manifests/full.json
+  torchrun --nproc_per_node 2 model/train.py --manifest manifests/demo.json   # no CUDA: DDP on the CPU (gloo)
 
 Checks every shard of every stage before starting (complete, sha256, keys agree) and
 refuses otherwise, naming the shard. Checkpoints go to <build>/train/checkpoints (or
 --train-dir); --resume continues exactly where the last checkpoint stopped.
 
 Exit status: 0 done; 2 the run cannot start (bad manifest, incomplete build, missing
-model, unwritable output), with a message saying which and what to do; a failure during
-training exits 1 with its traceback (the last checkpoint stays valid: --resume).
+model, unwritable output, a --resume whose checkpoint was written with another trainable
+layout, other models or another build, a launcher whose processes would not form one DDP
+group), with a message saying which and what to do; a failure during training exits 1 with
+its traceback (the last checkpoint stays valid: --resume).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
-    from model.training.data import BuildError
+    from model.training.verify import BuildError
     from model.training.config import TrainConfig
     from model.training.trainer import TrainSetupError, run_training
 

@@ -1,7 +1,10 @@
 """Settings of the trainer (the manifest's ``train`` section).
 
-Defaults are the paper's: Adam, lr 5e-5, global batch 32, 100K steps, λ_rgb 0.1,
-λ_fft 0.01, null-text ratio 0.5 (the authors' release).
+Defaults are the paper's: the release's attention layout ("paper"), Adam, lr 5e-5, global
+batch 32, 100K steps, λ_rgb 0.1, λ_fft 0.01, null-text ratio 0.5 (the authors' release).
+`processor` / `refine` are constructor arguments of the layout's Processor and Refine Layer
+(docs/model.md): for "paper" `processor` is `{"channels": [16, 32, 96, 256]}` (the ControlNet's
+conditioning embedding), for "adapter" the Processor's stem/stage widths.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pipeline.core.settings import Settings
 class TrainConfig(Settings):
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     image_encoder: str = "vit_large_patch14_clip_224.openai"
+    attention_layout: str = "paper"  # "paper" (the release's transformer blocks) or "adapter" (lighter, ours)
     batch_size: int = 32  # global: micro_batch_size × gradient accumulation × processes
     micro_batch_size: int = 8  # per process and forward pass
     learning_rate: float = 5e-5
@@ -39,8 +43,6 @@ class TrainConfig(Settings):
     processor: dict = dataclasses.field(default_factory=dict)
     refine: dict = dataclasses.field(default_factory=dict)
 
-
-
     def problems(self) -> list[str]:
         out = []
         for name in ("batch_size", "micro_batch_size", "max_steps", "checkpoint_every", "keep_checkpoints",
@@ -50,6 +52,8 @@ class TrainConfig(Settings):
         if self.batch_size % self.micro_batch_size:
             out.append(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                        f"({self.micro_batch_size})")
+        if self.attention_layout not in ("paper", "adapter"):
+            out.append(f"attention_layout must be paper or adapter, got {self.attention_layout!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             out.append("mixed_precision must be auto, no, bf16 or fp16")
         if not 0.0 <= self.null_text_ratio <= 1.0:

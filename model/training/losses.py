@@ -1,4 +1,8 @@
-"""SSP-IR's training loss: ε-MSE + λ_rgb·Σ_s L1(RGB_s, GT_s) + λ_fft·Σ_s L1(FFT(RGB_s), FFT(GT_s)).
+"""SSP-IR's training loss: diffusion MSE + λ_rgb·Σ_s L1(RGB_s, GT_s) + λ_fft·Σ_s L1(FFT(RGB_s), FFT(GT_s)).
+
+The diffusion term compares the UNet's prediction with the target of the scheduler's
+prediction type (the noise ε for SD1.5, the velocity for v-prediction models; see
+model/training/trainer.py `diffusion_target`); it is logged as "eps".
 
 The Processor's RGB heads are supervised at 1/2, 1/4 and 1/8 of the GT size against
 the GT resized to each scale, in pixel space and in frequency (real and imaginary parts
@@ -31,11 +35,11 @@ def fft_l1(rgbs: list[torch.Tensor], gts: list[torch.Tensor]) -> torch.Tensor:
     return total  # type: ignore[return-value]
 
 
-def sspir_loss(noise_pred: torch.Tensor, noise: torch.Tensor, rgbs: list[torch.Tensor], hq: torch.Tensor,
+def sspir_loss(pred: torch.Tensor, target: torch.Tensor, rgbs: list[torch.Tensor], hq: torch.Tensor,
                lambda_rgb: float, lambda_fft: float) -> dict[str, torch.Tensor]:
     """Each term and the total, so every term can be logged and checked on its own."""
     gts = gt_pyramid(hq.float(), [tuple(r.shape[-2:]) for r in rgbs])
-    eps = F.mse_loss(noise_pred.float(), noise.float())
+    eps = F.mse_loss(pred.float(), target.float())
     l_rgb = rgb_l1(rgbs, gts)
     l_fft = fft_l1(rgbs, gts)
     return {"loss": eps + lambda_rgb * l_rgb + lambda_fft * l_fft, "eps": eps, "rgb": l_rgb, "fft": l_fft}

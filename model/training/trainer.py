@@ -4,7 +4,15 @@ Exact resume without saving RNG streams: every random draw of a step (VAE sample
 noise, timesteps) comes from a generator seeded by (seed, step, micro-batch, rank), and
 the loader's order and null-text coins are functions of (seed, epoch, index). So a run
 resumed at step k draws exactly what an uninterrupted run draws at step k, and only the
-model, optimizer, scheduler and step counter need saving.
+model, optimizer, scheduler and step counter need saving. A resume is refused when the
+trainable layout, the model references or the build differ from the checkpoint's
+(model/training/identity.py).
+
+Processes: one, or N started by `torchrun` / `accelerate launch`. On a host without CUDA
+the Accelerator is created with `cpu=True`, which makes a launcher's N processes one DDP
+group over gloo (accelerate's CPU mode); a launcher whose processes still each see a
+one-process Accelerator is refused, instead of running N independent trainings into one
+folder.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -22,9 +31,12 @@ import numpy as np
 import torch
 
 from model.training.checkpoint import (clean_partial, list_checkpoints, load_trainer_state, optimizer_from_files,
-                              save_checkpoint)
-from model.training.losses import sspir_loss
+                                       save_checkpoint)
 from model.training.config import TrainConfig
+from model.training.identity import changes, run_identity
+from model.training.losses import sspir_loss
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class TrainSetupError(RuntimeError):
@@ -36,6 +48,17 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator("cpu").manual_seed(int(mixed[0] >> np.uint64(1)))
 
 
+def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict, by the scheduler's `prediction_type`: the noise
+    (ε, SD1.5's) or the velocity α_t·ε − σ_t·x0 (v-prediction, SD2-768's)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise ValueError(f"prediction_type {kind!r} is not supported; SSP-IR trains {' or '.join(PREDICTION_TYPES)}")
+
+
 class TrainStep(torch.nn.Module):
     """One micro-batch's losses; a module so DDP can wrap it (its trainable
     parameters are the model's)."""
@@ -43,6 +66,11 @@ class TrainStep(torch.nn.Module):
     def __init__(self, model: Any, scheduler: Any, cfg: TrainConfig) -> None:
         super().__init__()
         self.model, self.scheduler, self.cfg = model, scheduler, cfg
+
+    def latents(self, hq: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The HQ's VAE latents (float32), sampled from the posterior with the step's generator.
+        The one place the trainer encodes: a build with stored VAE moments would be read here."""
+        return self.model.encode_images(hq, sample=True, generator=gen)
 
     def forward(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
         from model.training.data import images_to_float
@@ -52,13 +80,14 @@ class TrainStep(torch.nn.Module):
         imgs = images_to_float({k: batch[k].to(dev, non_blocking=True) for k in ("hq", "lq", "lq_up")})
         hq, lq, lq_up = imgs["hq"], imgs["lq"], imgs["lq_up"]
         text = batch["text"].to(dev, non_blocking=True)
-        latents = self.model.encode_images(hq, sample=True, generator=gen)
+        latents = self.latents(hq, gen)
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(latents)
         n_train = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, n_train, (latents.shape[0],), generator=gen).to(dev)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        noise_pred, rgbs = self.model(noisy, t, text, lq, lq_up)
-        return sspir_loss(noise_pred, noise, rgbs, hq, self.cfg.lambda_rgb, self.cfg.lambda_fft)
+        pred, rgbs = self.model(noisy, t, text, lq, lq_up)
+        target = diffusion_target(self.scheduler, latents, noise, t)
+        return sspir_loss(pred, target, rgbs, hq, self.cfg.lambda_rgb, self.cfg.lambda_fft)
 
 
 @dataclasses.dataclass
@@ -94,6 +123,27 @@ def _mixed_precision(cfg: TrainConfig) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch, mpirun) says it started."""
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def check_launch(accelerator: Any) -> None:
+    """Refuse a launcher's process that trains alone: N such processes would each run the
+    whole training into the same folder (every step logged N times, checkpoints racing)."""
+    launched = launched_processes()
+    if launched != accelerator.num_processes:
+        raise TrainSetupError(
+            f"this process was started as one of {launched} (WORLD_SIZE={launched}) but accelerate sees "
+            f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}): the processes would train "
+            "independently into the same folder. On a host without CUDA run the launcher with ACCELERATE_USE_CPU=1 "
+            "(the trainer already asks for CPU DDP over gloo when torch sees no CUDA); on a GPU host check that torch "
+            "sees the GPUs (CUDA_VISIBLE_DEVICES), or start one process without a launcher")
+
+
 def _trimmed_metrics(path: Path, upto: int) -> None:
     """Drop lines logged after the checkpoint a run resumes from (they will be redone)."""
     if not path.exists():
@@ -111,8 +161,11 @@ class Trainer:
         self.paths = RunPaths(Path(run_dir))
         self.max_steps = max_steps or cfg.max_steps
         self.show_progress = show_progress
-        self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg))
+        # cpu=True where there is no CUDA: a launcher's processes then form a gloo DDP group
+        # (accelerate ignores LOCAL_RANK on a CPU-only host otherwise).
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available())
         acc = self.accelerator
+        check_launch(acc)
         self.rank, self.world = acc.process_index, acc.num_processes
         self.accum = cfg.accumulation(self.world)
         if acc.is_main_process:
@@ -129,11 +182,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _verify_build(self) -> None:
-        from model.training.data import verify_build
+        from model.training.verify import build_fingerprint, verify_build
 
         main = self.accelerator.is_main_process
         self.shards = verify_build(self.build, check_hash=self.cfg.check_hashes and main,
                                    show_progress=self.show_progress and main)
+        self.fingerprint = build_fingerprint(self.build, self.shards)
 
     def _load_model(self) -> None:
         from diffusers import DDPMScheduler
@@ -148,14 +202,23 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         try:
             self.model = SSPIR.from_pretrained(self.cfg.pretrained, self.cfg.image_encoder,
+                                               attention_layout=self.cfg.attention_layout,
                                                processor_kwargs=self.cfg.processor or None,
                                                refine_kwargs=self.cfg.refine or None, dtype=frozen_dtype)
         except (FileNotFoundError, OSError) as e:
             raise TrainSetupError(f"cannot load the model: {e}") from None
+        except (TypeError, ValueError) as e:  # e.g. train.processor keys the layout's Processor does not take
+            raise TrainSetupError(f"cannot build the {self.cfg.attention_layout} layout's trainable parts from "
+                                  f"train.processor / train.refine: {e}") from None
         self.model.to(dev)
         if self.cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.scheduler = DDPMScheduler.from_pretrained(self.cfg.pretrained, subfolder="scheduler")
+        kind = self.scheduler.config.prediction_type
+        if kind not in PREDICTION_TYPES:
+            raise TrainSetupError(f"{self.cfg.pretrained}/scheduler declares prediction_type {kind!r}; SSP-IR trains "
+                                  f"{' or '.join(PREDICTION_TYPES)} targets (the LRE start and the samplers assume "
+                                  "one of them): use an SD1.5-style scheduler config")
         self.optimizer = torch.optim.Adam(self.model.trainable_parameters(), lr=self.cfg.learning_rate,
                                           betas=tuple(self.cfg.adam_betas), eps=self.cfg.adam_eps)
 
@@ -167,6 +230,14 @@ class Trainer:
             return
         last = ckpts[-1]
         state = load_trainer_state(last)
+        if "identity" not in state:
+            raise TrainSetupError(f"--resume: {last} records no run identity (written before resume checks existed); "
+                                  "it cannot be checked against this run: start a fresh --train-dir")
+        changed = changes(state["identity"], self.identity())
+        if changed:
+            raise TrainSetupError(f"--resume: {last} was written by a different run:\n  - " + "\n  - ".join(changed)
+                                  + "\nresume only the run that wrote it (put these settings back), or start a "
+                                  "fresh --train-dir")
         if state.get("world_size") != self.world or state.get("batch_size") != self.cfg.batch_size:
             print(f"note: resuming {last.name} with batch {self.cfg.batch_size} on {self.world} processes "
                   f"(saved: {state.get('batch_size')} on {state.get('world_size')}); the data order continues "
@@ -178,6 +249,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             _trimmed_metrics(self.paths.metrics, self.step)
         print(f"resumed from {last} at step {self.step}", file=self.log)
+
+    def identity(self) -> dict[str, Any]:
+        return run_identity(self.model, self.cfg.pretrained, self.cfg.image_encoder, self.fingerprint)
 
     # ------------------------------------------------------------------- data
     def _batches(self) -> Iterator[dict[str, Any]]:
@@ -209,10 +283,12 @@ class Trainer:
                 t_step = time.perf_counter()
                 wait = 0.0
                 sums = {"loss": 0.0, "eps": 0.0, "rgb": 0.0, "fft": 0.0}
+                rows: list[int] = []
                 for micro in range(self.accum):
                     t0 = time.perf_counter()
                     batch = next(batches)
                     wait += time.perf_counter() - t0
+                    rows += batch["index"].tolist()
                     gen = step_generator(cfg.seed, self.step, micro, self.rank)
                     sync = micro == self.accum - 1
                     ctx = contextlib.nullcontext() if sync else acc.no_sync(self.train_step)
@@ -226,9 +302,11 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 dt = time.perf_counter() - t_step
-                record = {"step": self.step, **{k: round(v, 6) for k, v in sums.items()},
-                          "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": round(float(grad_norm), 6),
-                          "samples_per_s": round(samples / dt, 3), "data_wait": round(wait / dt, 4)}
+                # Losses and the gradient norm unrounded (JSON keeps every bit of a float): exact
+                # resume is checked on them. "rows": the build rows each rank trained on.
+                record = {"step": self.step, **sums, "lr": self.optimizer.param_groups[0]["lr"],
+                          "grad_norm": float(grad_norm), "samples_per_s": round(samples / dt, 3),
+                          "data_wait": round(wait / dt, 4), "rows": self._gather(rows)}
                 history.append(record)
                 if acc.is_main_process:
                     self._log(record, writer)
@@ -244,12 +322,19 @@ class Trainer:
                 writer.close()
         return history
 
+    def _gather(self, rows: list[int]) -> list[list[int]]:
+        if self.world == 1:
+            return [rows]
+        from accelerate.utils import gather_object
+
+        return [list(r) for r in gather_object([rows])]
+
     def _log(self, record: dict[str, Any], writer: Any) -> None:
         with open(self.paths.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
         if writer is not None and (record["step"] % self.cfg.log_every == 0 or record["step"] == 1):
             for k, v in record.items():
-                if k != "step":
+                if k not in ("step", "rows"):
                     writer.add_scalar(f"train/{k}", v, record["step"])
 
     def _tensorboard(self) -> Any:
@@ -267,7 +352,7 @@ class Trainer:
                      "batch_size": self.cfg.batch_size, "micro_batch_size": self.cfg.micro_batch_size,
                      "accumulation": self.accum, "loader": {"start_batch": self.step * self.accum},
                      "rng": "derived from (seed, step, micro-batch, rank); nothing to restore",
-                     "config": self.cfg.to_dict(), "build": str(self.build)}
+                     "config": self.cfg.to_dict(), "build": str(self.build), "identity": self.identity()}
             path = save_checkpoint(self.paths.checkpoints, self.step, self.model, self.optimizer, state,
                                    self.cfg.keep_checkpoints)
             if not self.show_progress:
@@ -275,11 +360,14 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _validate(self) -> None:
-        """A PNG grid LQ | restoration | HQ for the first few pairs of the build (fixed)."""
+        """A PNG grid LQ | restoration | HQ for the first few pairs of the build (fixed),
+        sampled exactly as model/restore.py samples (model/inference/restorer.py `sample_batch`:
+        the same scheduler factory, trailing timesteps from t = 999, the same guidance),
+        with `validation_steps` steps and the run's seed."""
         if not self.accelerator.is_main_process:
             return
+        from model.inference.restorer import RestoreSettings, sample_batch
         from model.training.data import ShardedPairs, collate, load_empty_prompt
-        from model.inference.sampling import restore
         from model.training.validation import save_grid
 
         data = ShardedPairs(self.build, self.shards, seed=self.cfg.seed, null_text_ratio=0.0)
@@ -287,15 +375,12 @@ class Trainer:
         empty = load_empty_prompt(self.build)
         batch = collate([data[i] for i in range(n)], empty)
         dev = self.accelerator.device
+        settings = RestoreSettings(steps=self.cfg.validation_steps, seed=self.cfg.seed, tile=0)
         self.model.eval()
         try:
-            from diffusers import DDPMScheduler
-
-            sched = DDPMScheduler.from_config(self.scheduler.config)
-            with self.accelerator.autocast():
-                out = restore(self.model, sched, batch["lq"].to(dev), batch["lq_up"].to(dev),
-                              batch["text"].to(dev).float(), empty.to(dev).float(),
-                              steps=self.cfg.validation_steps, guidance=1.0, seed=self.cfg.seed)
+            with torch.no_grad(), self.accelerator.autocast():
+                out = sample_batch(self.model, batch["lq"].to(dev), batch["lq_up"].to(dev),
+                                   batch["text"].to(dev).float(), empty.to(dev).float(), settings)
         finally:
             self.model.train()
         self.paths.validation.mkdir(parents=True, exist_ok=True)
