@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
 # Every outstanding GPU measurement of docs/benchmarks.md, as one script for a lent GPU
-# (H100/H200, 16 cores, no internet), in about 5–9 minutes:
+# (H100/H200, 16 cores, no internet):
 #
 #   (a) nvidia-smi                                   -> $OUT/nvidia-smi.log
 #   (b) benchmarks/embed.py, SD1.5-size text encoder, CUDA float16
 #                                                    -> $OUT/embed.log, $OUT/embed.json
-#   (c) benchmarks/restore_fullsize.py, CUDA bf16, 50 DDPM steps
-#                                                    -> $OUT/restore_fullsize.{log,json}
-#   (d) benchmarks/train_fullsize.py, CUDA, batch 8, 512², checkpointing off and on
-#                                                    -> $OUT/train_fullsize.{log,json}
+#   (c) restore_fullsize: benchmarks/restore_fullsize.py, CUDA bf16, 50 DDPM steps, for each
+#       attention layout of GPU_CHECKS_LAYOUTS (default "paper adapter"), against the paper's
+#       8.82 s on an A100                            -> $OUT/restore_fullsize.{log,json}
+#   (d) train_fullsize: benchmarks/train_fullsize.py, CUDA, batch 8, 512², bf16, gradient
+#       checkpointing off and on, for each layout   -> $OUT/train_fullsize.{log,json}
 #
 # plus $OUT/summary.log (the Python environment and each step's status and time): 8 files,
-# what a device call brings back at most. OUT defaults to bench-out/gpu. Each step has its
+# what a device call brings back at most (each step's per-layout results are merged into its
+# one JSON, {"paper": ..., "adapter": ...}). OUT defaults to bench-out/gpu. Each step has its
 # own timeout and all of them share a deadline (GPU_CHECKS_BUDGET_S, default 540 s), so
 # the script ends on its own inside a 10-minute device call; a step that fails or times
 # out does not stop the later ones, and the exit status is 1 if any failed.
+#
+# Steps to run may be named (default: all four, in this order). Both layouts of (c) and (d)
+# together do not fit one 10-minute call (building the random SD1.5-size weights alone takes
+# minutes), so split them over calls, e.g.:
+#
+#   bash benchmarks/gpu_checks.sh nvidia-smi embed restore_fullsize     # call 1
+#   bash benchmarks/gpu_checks.sh train_fullsize                         # call 2
+#
+# (each call starts a fresh machine: nothing of .cache survives, so each call rebuilds the
+# weights it needs; GPU_CHECKS_LAYOUTS=paper halves a step).
 #
 # Python: the working tree travels to the GPU machine but .venv does not, and that machine
 # reaches no package registry. Its image has Python 3.12 with CUDA PyTorch, accelerate,
@@ -51,7 +63,18 @@ if [ "${1:-}" = "--wheels" ]; then
 fi
 
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+if [ "${1:-}" = "--dry-run" ]; then
+    DRY=1
+    shift
+fi
+STEPS=${*:-"nvidia-smi embed restore_fullsize train_fullsize"}
+LAYOUTS=${GPU_CHECKS_LAYOUTS:-"paper adapter"}
+for s in $STEPS; do
+    case $s in nvidia-smi|embed|restore_fullsize|train_fullsize) ;; *)
+        echo "unknown step $s; steps: nvidia-smi embed restore_fullsize train_fullsize" >&2; exit 2 ;;
+    esac
+done
+wanted() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # --dry-run: the script's main() parses the step's options (argparse errors → exit 2) and stops.
 ARGCHECK='import argparse, runpy, sys
 parse = argparse.ArgumentParser.parse_args
@@ -154,12 +177,34 @@ if [ "$setup_rc" -ne 0 ] || [ -z "$PY" ]; then
 fi
 
 # ------------------------------------------------------------------- steps ---
-step nvidia-smi 30 nvidia-smi
-step embed 120 "$PY" benchmarks/embed.py --hidden 768 --layers 12 --heads 12 --intermediate 3072 \
+wanted nvidia-smi && step nvidia-smi 30 nvidia-smi
+wanted embed && step embed 120 "$PY" benchmarks/embed.py --hidden 768 --layers 12 --heads 12 --intermediate 3072 \
     --device cuda --dtype float16 --rows 2000 --out "$OUT/embed.json"
-step restore_fullsize 300 "$PY" benchmarks/restore_fullsize.py --device cuda --dtype bf16 --steps 50 \
-    --out "$OUT/restore_fullsize.json"
-step train_fullsize 300 "$PY" benchmarks/train_fullsize.py --device cuda --out "$OUT/train_fullsize.json"
+# Per layout: the script once per layout of $LAYOUTS into .cache/gpu-checks/NAME-LAYOUT.json (not
+# under $OUT: 8 files come back at most); the JSONs are merged into $OUT/NAME.json afterwards.
+for name in restore_fullsize train_fullsize; do
+    wanted $name || continue
+    args=(--device cuda)
+    [ $name = restore_fullsize ] && args+=(--dtype bf16 --steps 50)
+    mkdir -p .cache/gpu-checks
+    for layout in $LAYOUTS; do
+        step "$name-$layout" 480 "$PY" benchmarks/$name.py "${args[@]}" --layout "$layout" \
+            --out "$ROOT/.cache/gpu-checks/$name-$layout.json"
+    done
+    # one log and one JSON per step: the per-layout logs are appended into $OUT/$name.log
+    for layout in $LAYOUTS; do
+        [ -f "$OUT/$name-$layout.log" ] && { echo "== $layout"; cat "$OUT/$name-$layout.log"; rm -f "$OUT/$name-$layout.log"; }
+    done >"$OUT/$name.log"
+    [ "$DRY" -eq 1 ] && continue
+    "$PY" - "$OUT/$name.json" "$ROOT/.cache/gpu-checks" "$name" $LAYOUTS <<'EOF' | tee -a "$SUMMARY"
+import json, pathlib, sys
+out, folder, name, layouts = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
+merged = {l: json.loads((folder / f"{name}-{l}.json").read_text()) for l in layouts
+          if (folder / f"{name}-{l}.json").is_file()}
+pathlib.Path(out).write_text(json.dumps(merged, indent=1) + "\n")
+print(f"[{name}] merged layouts {sorted(merged)} -> {out}")
+EOF
+done
 
 note "gpu_checks: done in $((SECONDS - START))s; $([ "$FAILED" -eq 0 ] && echo "all steps ok" || echo "SOME STEPS FAILED")"
 exit "$FAILED"

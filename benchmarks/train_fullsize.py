@@ -2,7 +2,7 @@
 """Training at SD1.5 size with random weights: seconds per optimizer step, samples/s and
 peak memory, with gradient checkpointing off and on.
 
-    python benchmarks/train_fullsize.py --device cuda                  # on a GPU: batch 8, 512², bf16
+    python benchmarks/train_fullsize.py --device cuda [--layout adapter]   # on a GPU: batch 8, 512², bf16
     .venv/bin/python benchmarks/train_fullsize.py --device cpu --batch 1 --resolution 256 --steps 1
 
 Why: the paper trains with a per-GPU micro batch of 8 at 512²; whether that fits a GPU's
@@ -14,6 +14,7 @@ benchmarks/restore_fullsize.py, about 5 GB).
 
 What runs is the trainer's own code, not a copy:
   model     `Trainer._load_model` (model/training/trainer.py): `SSPIR.from_pretrained(sd, sd/image_encoder)`
+            in --layout (paper: the default, 997.8 M trainable; adapter: 416.5 M)
             with the default Processor / Refine Layer sizes, frozen VAE, UNet and CLIP image
             encoder in the mixed-precision dtype, trainable parts (Processor, ControlNet,
             Refine Layer, prior attention) in fp32, gradient checkpointing as configured,
@@ -132,9 +133,10 @@ def child(args: argparse.Namespace, case: str) -> dict[str, Any]:
     mp = mixed_precision(args.dtype, cuda)
     sd = args.cache / "sd15"
     cfg = TrainConfig(pretrained=str(sd), image_encoder=str(sd / "image_encoder"), batch_size=args.batch,
-                      micro_batch_size=args.batch, gradient_checkpointing=CASES[case], mixed_precision=mp)
+                      micro_batch_size=args.batch, gradient_checkpointing=CASES[case], mixed_precision=mp,
+                      attention_layout=args.layout)
     result: dict[str, Any] = {"case": case, "gradient_checkpointing": CASES[case], "status": "ok",
-                              "mixed_precision": mp}
+                              "mixed_precision": mp, "attention_layout": args.layout}
 
     def sync() -> None:
         if cuda:
@@ -214,7 +216,7 @@ def child(args: argparse.Namespace, case: str) -> dict[str, Any]:
 def run_case(args: argparse.Namespace, case: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         res_path = Path(d) / "result.json"
-        cmd = [sys.executable, __file__, "--child", case, "--result", str(res_path),
+        cmd = [sys.executable, __file__, "--child", case, "--result", str(res_path), "--layout", args.layout,
                "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
                "--resolution", str(args.resolution), "--steps", str(args.steps), "--chunks", str(args.chunks),
                "--cache", str(args.cache)]
@@ -234,6 +236,7 @@ def run_case(args: argparse.Namespace, case: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--layout", default="paper", choices=("paper", "adapter"), help="train.attention_layout")
     ap.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
                     help="mixed precision: auto is the trainer's choice (bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--batch", type=int, default=8, help="micro batch per step (the paper's per-GPU batch: 8)")
@@ -280,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cuda (not available)"
     result = {
-        "device": device, "dtype": args.dtype, "batch": args.batch, "resolution": args.resolution,
+        "device": device, "attention_layout": args.layout, "dtype": args.dtype, "batch": args.batch,
+        "resolution": args.resolution,
         "lq_resolution": args.resolution // 4, "text_chunks": args.chunks, "timed_steps": args.steps,
         "warmup_steps": WARMUP,
         "peak_memory_kind": ("torch.cuda.max_memory_allocated over the timed steps" if cuda
@@ -295,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     print(json.dumps(result, indent=1))
-    print(f"\n| gradient checkpointing | status | s/step (median of {args.steps}) | samples/s | peak memory MB |")
+    print(f"\n{args.layout} layout\n| gradient checkpointing | status | s/step (median of {args.steps}) | samples/s | "
+          "peak memory MB |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['case']} | {r['status']} | {r.get('step_seconds_median', '-')} | {r.get('samples_per_s', '-')} | "
