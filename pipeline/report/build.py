@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.shards import SHARD_GLOB, read_sidecar
+from pipeline.core.shards import read_sidecar, shard_files
 from pipeline.degrade.config import DegradeConfig
 
 STAGES = ("pairs", "captions", "text_emb", "latents")
@@ -50,24 +50,19 @@ class StageShards:
         return sum(int(s.get("bytes", 0)) for s in self.sidecars.values())
 
 
-def _shard_number(arrow: Path) -> int:
-    return int(arrow.name[len("shard-"):len("shard-") + 5])
-
-
 def stage_shards(build: Path, stage: str) -> StageShards | None:
-    folder = Path(build) / stage
-    arrows = sorted(folder.glob(SHARD_GLOB))
-    if not arrows:
+    files = shard_files(Path(build), stage)
+    if not files:
         return None
     sidecars, incomplete = {}, []
-    for arrow in arrows:
+    for shard, arrow in files:
         side = read_sidecar(arrow)
         if side is None:
             incomplete.append(f"{arrow.name}: no sidecar (never finished)")
         elif arrow.stat().st_size != side.get("bytes"):
             incomplete.append(f"{arrow.name}: {arrow.stat().st_size} bytes, sidecar says {side.get('bytes')}")
         else:
-            sidecars[_shard_number(arrow)] = side
+            sidecars[shard] = side
     return StageShards(stage, sidecars, incomplete)
 
 

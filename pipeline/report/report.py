@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.core.stage import reason_class
 from pipeline.report import figures
 from pipeline.report.build import STAGES, BuildError, DegradeSettings, StageShards, degrade_settings, discover
 from pipeline.report.describe import recipe_words
@@ -105,18 +106,13 @@ def scan_build(build: Path, stages: dict[str, StageShards], settings: DegradeSet
 # ---------------------------------------------------------------- summary ---
 
 
-def _reason(reason: str) -> str:
-    """Group failure reasons by their leading phrase, so 10,000 failures stay a short list."""
-    return (reason or "?").split(":")[0].split("(")[0].strip()[:80] or "?"
-
-
 def _failures(side_list: list[dict[str, Any]]) -> dict[str, Any]:
     by_reason: Counter[str] = Counter()
     by_source: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
     for side in side_list:
         for f in side.get("failed", []):
-            r = _reason(str(f.get("reason") or ""))
+            r = reason_class(str(f.get("reason") or "")) or "?"
             by_reason[r] += 1
             by_source[str(f.get("key", "?")).split("/")[0]] += 1
             ex = examples.setdefault(r, [])

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
+from pipeline.core.shards import shard_path
 from pipeline.degrade.config import DegradeConfig
 from pipeline.report.accumulate import BottomK, BoundedCounter, Histogram, Moments, ParamCounts
 from pipeline.report.expected import expected_params, recipe_draws
@@ -250,17 +251,16 @@ def scan_shard(build: Path, shard: int, cfg_dict: dict[str, Any], stages: Sequen
     joined to it row by row, as the trainer joins them, and a key mismatch is recorded)."""
     cv2.setNumThreads(1)
     cfg = DegradeConfig.from_dict(cfg_dict)
-    name = f"shard-{shard:05d}.arrow"
     out = ShardStats(PairsStats(cfg, opts.gallery))
-    keys = _scan_pairs(Path(build) / "pairs" / name, cfg, opts, out.pairs, shard)
+    keys = _scan_pairs(shard_path(build, "pairs", shard), cfg, opts, out.pairs, shard)
     captions: dict[str, tuple[str, str]] = {}
     if "captions" in stages:
-        ckeys, texts = _scan_captions(Path(build) / "captions" / name, out.captions)
+        ckeys, texts = _scan_captions(shard_path(build, "captions", shard), out.captions)
         if ckeys != keys:
             out.key_mismatches.append(f"shard {shard}: captions")
         captions = dict(zip(ckeys, texts))
     if "text_emb" in stages:
-        if _scan_text_emb(Path(build) / "text_emb" / name, out.text_emb) != keys:
+        if _scan_text_emb(shard_path(build, "text_emb", shard), out.text_emb) != keys:
             out.key_mismatches.append(f"shard {shard}: text_emb")
     for row in out.pairs.sample.rows():
         if row["key"] in captions:
