@@ -229,7 +229,7 @@ def _cpu_model() -> str:
 
 def _table(rows: dict[str, Any], cpu: dict[str, Any], ratio: dict[str, float], args: argparse.Namespace) -> str:
     tf = 1e12
-    lines = [f"| | paper | adapter | paper ÷ adapter |", "|---|---:|---:|---:|"]
+    lines = ["| | paper | adapter | paper ÷ adapter |", "|---|---:|---:|---:|"]
 
     def row(name: str, a: float, b: float, fmt: str = "{:.3f}") -> None:
         lines.append(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f} |")
