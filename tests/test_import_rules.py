@@ -1,6 +1,9 @@
-"""The one-way import rule (docs/architecture.md): `pipeline` never imports `model`; `model`
-imports only `pipeline.core` and `pipeline.embed.encoder` (to read text embeddings) from
-`pipeline`. Every module's imports are read with `ast` — top-level, inside functions, and
+"""The one-way import rule (docs/architecture.md): `pipeline` never imports `model`; from
+`pipeline`, `model` imports only `pipeline.core` and the stage libraries that inference and
+training must share with the data stages so both sides compute the same thing — the chunked
+CLIP encoding and its settings (`pipeline.embed.encoder`, `.config`: prompts are encoded as
+the captions were) and the caption engines (`pipeline.caption.engines`, `.config`:
+restoration captions an LQ as the caption stage does) — never a stage (`*.stage`). Every module's imports are read with `ast` — top-level, inside functions, and
 `importlib.import_module("...")` with a literal name — so a lazy import counts too."""
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_MAY_IMPORT = ("pipeline.core", "pipeline.embed.encoder")
+MODEL_MAY_IMPORT = ("pipeline.core", "pipeline.embed.encoder", "pipeline.embed.config",
+                    "pipeline.caption.engines", "pipeline.caption.config")
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
