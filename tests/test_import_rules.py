@@ -70,7 +70,7 @@ def test_rule_reader_sees_every_kind_of_import(tmp_path: Path) -> None:
     """The reader itself, on a module written to break the rule in each way it can be broken."""
     (tmp_path / "model").mkdir()
     f = tmp_path / "model" / "_import_rule_probe.py"
-    f.write_text("import pipeline.caption.engines\nfrom pipeline.core import manifest\nfrom pipeline import degrade\n"
+    f.write_text("import pipeline.caption.stage\nfrom pipeline.core import manifest\nfrom pipeline import degrade\n"
                  "def later():\n    from pipeline.testsets.paired import pair_files\n"
                  "    import importlib\n    importlib.import_module('pipeline.caption')\n"
                  "from . import evaluation\nfrom .evaluation.metrics import psnr_y\n")
@@ -78,7 +78,7 @@ def test_rule_reader_sees_every_kind_of_import(tmp_path: Path) -> None:
     assert "model.evaluation" in names and "model.evaluation.metrics" in names  # relative, resolved
     assert "pipeline.core" in names  # allowed, and seen
     assert [v.split(" imports ")[1] for v in violations("model", tmp_path)] == [
-        "pipeline.caption.engines", "pipeline.degrade", "pipeline.testsets.paired", "pipeline.caption"]
+        "pipeline.caption.stage", "pipeline.degrade", "pipeline.testsets.paired", "pipeline.caption"]
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "x.py").write_text("def f():\n    from model.evaluation import metrics\n")
     assert violations("pipeline", tmp_path) == ["pipeline/x.py:2 imports model.evaluation"]
