@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, device=args.device)
         return run_embed(manifest.output, cfg, None if args.all else [args.shard],
                          show_progress=not args.no_progress, force=args.force, actors=args.actors,
+                         variant=manifest.caption.variant,
                          index_extra={"manifest": str(manifest.path), "name": manifest.name})
 
     return run_command(job)

@@ -32,6 +32,13 @@ Item format (``ShardedPairs[i]`` and ``ShardedPairs[(epoch, i)]``)::
                                                (77, D) when null-text dropout fires
     null_text  bool                           whether the dropout fired for this draw
     epoch, index  int                         the draw (epoch 0 for a plain integer index)
+    moments    float16 (2C, H/8, W/8)         only with ``latents=True``: the latents stage's
+                                               VAE moments of hq (mean ‖ log-variance), a
+                                               read-only view into the memory-mapped shard
+
+The HQ is shipped even with cached moments: the Processor's RGB and FFT losses need the GT
+at 1/2, 1/4 and 1/8, and decoding the 512² HQ PNG (which those need either way) is the
+loader's main cost; shipping a pyramid instead would save only the uint8 hand-over.
 
 With ``image_dtype=torch.uint8`` hq, lq and lq_up are instead uint8 (3, ·, ·) in 0..255
 (lq_up: the same cv2 bicubic result before scaling), and the trainer calls
@@ -87,9 +94,9 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from model.training.verify import EMPTY_PROMPT, BuildError, BuildProblem, Fixes, verify_build
+from model.training.verify import BuildError, BuildProblem, Fixes, verify_build
 from pipeline.core.shards import read_sidecar, read_table, shard_path
-from pipeline.embed.encoder import CHUNK_LENGTH, hidden_matrix
+from pipeline.embed.encoder import CHUNK_LENGTH, empty_prompt_path, hidden_matrix
 
 __all__ = [
     "load_empty_prompt", "ShardedPairs", "EpochSampler",
@@ -100,11 +107,11 @@ __all__ = [
 _PNG_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 
 
-def load_empty_prompt(out: Path) -> torch.Tensor:
+def load_empty_prompt(out: Path, text_folder: str = "text_emb") -> torch.Tensor:
     """float16 (77, D): the stored embedding of "" (null text, classifier-free guidance)."""
     from safetensors.numpy import load_file
 
-    path = Path(out) / EMPTY_PROMPT
+    path = empty_prompt_path(out, text_folder)
     hidden = load_file(str(path))["hidden"]
     if hidden.dtype != np.float16 or hidden.ndim != 2 or hidden.shape[0] != CHUNK_LENGTH:
         raise ValueError(f"{path}: 'hidden' is {hidden.dtype} {hidden.shape}, expected float16 ({CHUNK_LENGTH}, D)")
@@ -205,31 +212,43 @@ class _Chunked:
 
 
 class _OpenShard:
-    """One shard's pairs and text_emb files, memory-mapped (only in the process that reads)."""
+    """One shard's pairs, text_emb (and latents) files, memory-mapped (only in the process that reads)."""
 
-    def __init__(self, out: Path, shard: int) -> None:
+    def __init__(self, out: Path, shard: int, text_folder: str = "text_emb", latents: bool = False) -> None:
         pairs = read_table(shard_path(out, "pairs", shard))
-        emb = read_table(shard_path(out, "text_emb", shard))
+        emb = read_table(shard_path(out, text_folder, shard))
         self.pkey = _Chunked(pairs.column("key"))
         self.hq = _Chunked(pairs.column("hq_png"))
         self.lq = _Chunked(pairs.column("lq_png"))
-        self.tkey = _Chunked(emb.column("key"))
+        self.others = [(text_folder, _Chunked(emb.column("key")))]
         self.hidden = _Chunked(emb.column("hidden"))
+        self.moments: _Chunked | None = None
+        if latents:
+            lat = read_table(shard_path(out, "latents", shard))
+            self.others.append(("latents", _Chunked(lat.column("key"))))
+            self.moments = _Chunked(lat.column("moments"))
+            self.moments_shape = tuple((read_sidecar(shard_path(out, "latents", shard)) or {})["moments"]["shape"])
 
-    def row(self, row: int) -> tuple[str, pa.Buffer, pa.Buffer, np.ndarray]:
+    def row(self, row: int) -> tuple[str, pa.Buffer, pa.Buffer, np.ndarray, np.ndarray | None]:
         c, r = self.pkey.locate(row)
         key = c[r].as_py()
-        c, r = self.tkey.locate(row)
-        tkey = c[r].as_py()
-        if tkey != key:  # verify_build checked this; a shard swapped under a running trainer is caught here
-            raise RuntimeError(f"row {row}: text_emb key {tkey!r} differs from pairs key {key!r}; "
-                               "the build changed under the trainer, rerun verify_build")
+        for stage, keys in self.others:
+            c, r = keys.locate(row)
+            other = c[r].as_py()
+            if other != key:  # verify_build checked this; a shard swapped under a running trainer is caught here
+                raise RuntimeError(f"row {row}: {stage} key {other!r} differs from pairs key {key!r}; "
+                                   "the build changed under the trainer, rerun verify_build")
         c, r = self.hq.locate(row)
         hq = c[r].as_buffer()
         c, r = self.lq.locate(row)
         lq = c[r].as_buffer()
+        moments = None
+        if self.moments is not None:
+            c, r = self.moments.locate(row)
+            n = c.type.list_size
+            moments = c.values.to_numpy(zero_copy_only=True)[r * n:(r + 1) * n].reshape(self.moments_shape)
         c, r = self.hidden.locate(row)
-        return key, hq, lq, hidden_matrix(c, r)
+        return key, hq, lq, hidden_matrix(c, r), moments
 
 
 class ShardedPairs(Dataset):
@@ -248,7 +267,8 @@ class ShardedPairs(Dataset):
 
     def __init__(self, out: Path, shards: Sequence[int] | None = None, *, seed: int = 0,
                  null_text_ratio: float = 0.5, check_hash: bool = False,
-                 image_dtype: torch.dtype = torch.float32) -> None:
+                 image_dtype: torch.dtype = torch.float32, text_folder: str = "text_emb",
+                 latents: bool = False) -> None:
         if not 0.0 <= null_text_ratio <= 1.0:
             raise ValueError(f"null_text_ratio must be in [0, 1], got {null_text_ratio}")
         if image_dtype not in (torch.float32, torch.uint8):
@@ -256,8 +276,10 @@ class ShardedPairs(Dataset):
         self.image_dtype = image_dtype
         self._luts = _IMAGE_LUTS if image_dtype == torch.float32 else dict.fromkeys(_IMAGE_LUTS)
         self.out = Path(out)
+        self.text_folder, self.latents = text_folder, bool(latents)
         if shards is None:
-            shards = verify_build(self.out, ("pairs", "text_emb"), check_hash=check_hash, show_progress=False)
+            stages = ("pairs", text_folder, *(("latents",) if latents else ()))
+            shards = verify_build(self.out, stages, check_hash=check_hash, show_progress=False)
         self.shards = tuple(int(s) for s in shards)
         rows = []
         for s in self.shards:
@@ -269,7 +291,7 @@ class ShardedPairs(Dataset):
         self.starts = tuple(int(x) for x in np.cumsum([0] + rows))
         self.seed = int(seed)
         self.null_text_ratio = float(null_text_ratio)
-        self.empty_prompt = load_empty_prompt(self.out)
+        self.empty_prompt = load_empty_prompt(self.out, text_folder)
         self._open: dict[int, _OpenShard] = {}
         self._pid = os.getpid()
 
@@ -293,7 +315,7 @@ class ShardedPairs(Dataset):
             self._open, self._pid = {}, os.getpid()
         sh = self._open.get(shard)
         if sh is None:
-            sh = self._open[shard] = _OpenShard(self.out, shard)
+            sh = self._open[shard] = _OpenShard(self.out, shard, self.text_folder, self.latents)
         return sh
 
     def null_text(self, epoch: int, index: int) -> bool:
@@ -309,7 +331,7 @@ class ShardedPairs(Dataset):
     def _load(self, epoch: int, index: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
         """(item without images, HQ, LQ, LQ↑) with the images as uint8 (H, W, 3) RGB."""
         shard, row = self.locate(index)
-        key, hq_png, lq_png, hidden = self._shard(shard).row(row)
+        key, hq_png, lq_png, hidden, moments = self._shard(shard).row(row)
         hq = _decode(hq_png, f"{key} hq")
         lq = _decode(lq_png, f"{key} lq")
         h, w = hq.shape[:2]
@@ -317,6 +339,8 @@ class ShardedPairs(Dataset):
         null = self.null_text(epoch, index)
         item = {"key": key, "text": self.empty_prompt if null else _readonly_tensor(hidden),
                 "null_text": null, "epoch": epoch, "index": index}
+        if moments is not None:
+            item["moments"] = _readonly_tensor(moments)
         return item, hq, lq, lq_up
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
@@ -517,9 +541,11 @@ def collate(batch: Sequence[dict[str, Any]], empty_prompt: torch.Tensor) -> dict
         text[i, : k * CHUNK_LENGTH].copy_(t)
         if k < kmax:
             text[i, k * CHUNK_LENGTH:].view(kmax - k, CHUNK_LENGTH, width).copy_(empty_prompt)
+    extra = {"moments": _stack([b["moments"] for b in batch])} if "moments" in batch[0] else {}
     return {
         "keys": [b["key"] for b in batch],
         **{name: _images(batch, name) for name in ("hq", "lq", "lq_up")},
+        **extra,
         "text": text,
         "num_chunks": torch.tensor(ks, dtype=torch.int64),
         "null_text": torch.tensor([bool(b["null_text"]) for b in batch], dtype=torch.bool),
@@ -578,7 +604,8 @@ def make_loader(out: Path, batch_size: int, seed: int, rank: int = 0, world_size
                 num_workers: int | None = None, start_batch: int = 0, null_text_ratio: float = 0.5,
                 pin_memory: bool | None = None, *, max_batches: int | None = None, prefetch_factor: int = 4,
                 shards: Sequence[int] | None = None, check_hash: bool = False,
-                image_dtype: torch.dtype = torch.float32) -> TrainLoader:
+                image_dtype: torch.dtype = torch.float32, text_folder: str = "text_emb",
+                latents: bool = False) -> TrainLoader:
     """The training loader of one rank (see the module doc for the batch format).
 
     ``image_dtype=torch.uint8`` is the fast path (recommended for training): batches carry
@@ -597,8 +624,10 @@ def make_loader(out: Path, batch_size: int, seed: int, rank: int = 0, world_size
     """
     out = Path(out)
     if shards is None:
-        shards = verify_build(out, check_hash=check_hash, show_progress=rank == 0)
-    dataset = ShardedPairs(out, shards, seed=seed, null_text_ratio=null_text_ratio, image_dtype=image_dtype)
+        stages = ("pairs", text_folder, *(("latents",) if latents else ()))
+        shards = verify_build(out, stages, check_hash=check_hash, show_progress=rank == 0)
+    dataset = ShardedPairs(out, shards, seed=seed, null_text_ratio=null_text_ratio, image_dtype=image_dtype,
+                           text_folder=text_folder, latents=latents)
     sampler = EpochSampler(len(dataset), batch_size, seed, rank=rank, world_size=world_size,
                            start_batch=start_batch, max_batches=max_batches)
     workers = default_num_workers() if num_workers is None else int(num_workers)

@@ -23,13 +23,20 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from pipeline.core.shards import SHARD_GLOB, STAGES, read_sidecar, read_table, shard_id, shard_path, verify_shard
-from pipeline.embed.encoder import CHUNK_LENGTH
+from pipeline.core.shards import (
+    SHARD_GLOB, STAGES, read_sidecar, read_table, shard_id, shard_path, stage_folder, stage_kind, verify_shard,
+)
+from pipeline.embed.encoder import CHUNK_LENGTH, EMPTY_PROMPT_FILE
 
-__all__ = ["BuildError", "BuildProblem", "EMPTY_PROMPT", "verify_build", "build_fingerprint", "Fixes"]
+__all__ = ["BuildError", "BuildProblem", "verify_build", "build_fingerprint", "Fixes", "train_stages"]
 
-EMPTY_PROMPT = Path("text_emb") / "empty_prompt.safetensors"
 TRAIN_STAGES = ("pairs", "captions", "text_emb")
+
+
+def train_stages(variant: str = "") -> tuple[str, ...]:
+    """The stage folders a training run reads: pairs, and the captions and embeddings of the
+    manifest's caption variant ("" → captions/, text_emb/; "blip" → captions-blip/, text_emb-blip/)."""
+    return ("pairs", stage_folder("captions", variant), stage_folder("text_emb", variant))
 
 
 
@@ -87,11 +94,18 @@ class Fixes:
         s = f"--shard {shard}" if shard is not None else "--all"
         return f"python jobs/embed.py {self.m} {s}{' --force' if force else ''}"
 
+    def latents(self, shard: int | None, force: bool = False) -> str:
+        s = f"--shard {shard}" if shard is not None else "--all"
+        return f"python jobs/latents.py {self.m} {s}{' --force' if force else ''}"
+
     def of(self, stage: str, shard: int | None, force: bool = False) -> str:
-        if stage == "pairs":
+        kind = stage_kind(stage)
+        if kind == "pairs":
             return self.pairs(shard)
-        if stage == "captions":
+        if kind == "captions":
             return self.captions(shard, force)
+        if kind == "latents":
+            return self.latents(shard, force)
         return self.text_emb(shard, force)
 
 
@@ -103,27 +117,29 @@ def _stage_ids(out: Path, stage: str) -> set[int]:
     return ids
 
 
-def _check_empty_prompt(out: Path, sides: dict[int, dict[str, Any]], fixes: Fixes) -> list[BuildProblem]:
+def _check_empty_prompt(out: Path, sides: dict[int, dict[str, Any]], fixes: Fixes,
+                        folder: str = "text_emb") -> list[BuildProblem]:
     from safetensors import safe_open
 
-    path = Path(out) / EMPTY_PROMPT
+    name = Path(folder) / EMPTY_PROMPT_FILE
+    path = Path(out) / name
     any_shard = min(sides) if sides else 0
     fix = f"{fixes.text_emb(any_shard)} (any shard: the embed job rewrites the empty prompt when it is missing)"
     if not path.is_file():
-        return [BuildProblem("text_emb", None, f"{EMPTY_PROMPT} is missing (needed for null-text dropout)", fix)]
+        return [BuildProblem(folder, None, f"{name} is missing (needed for null-text dropout)", fix)]
     try:
         with safe_open(str(path), framework="np") as f:
             meta = f.metadata() or {}
             shape = tuple(f.get_slice("hidden").get_shape())
     except Exception as e:  # truncated or foreign file
-        return [BuildProblem("text_emb", None, f"{EMPTY_PROMPT} is unreadable ({type(e).__name__}: {e})", fix)]
+        return [BuildProblem(folder, None, f"{name} is unreadable ({type(e).__name__}: {e})", fix)]
     widths = {s.get("hidden_size") for s in sides.values()} - {None}
     if len(shape) != 2 or shape[0] != CHUNK_LENGTH or (widths and shape[1] not in widths):
-        return [BuildProblem("text_emb", None, f"{EMPTY_PROMPT} has shape {shape}, expected "
+        return [BuildProblem(folder, None, f"{name} has shape {shape}, expected "
                              f"({CHUNK_LENGTH}, {sorted(widths)[0] if widths else 'D'})", fix)]
     hashes = {s.get("config_hash") for s in sides.values()} - {None}
     if meta.get("config_hash") and hashes and meta["config_hash"] not in hashes:
-        return [BuildProblem("text_emb", None, f"{EMPTY_PROMPT} was made by another text encoder or "
+        return [BuildProblem(folder, None, f"{name} was made by another text encoder or "
                              f"configuration ({meta['config_hash']}) than the shards ({sorted(hashes)[0]})", fix)]
     return []
 
@@ -174,16 +190,20 @@ def _structure(out: Path, stages: Sequence[str], fixes: Fixes
             if n != rows[first]:
                 problems.append(BuildProblem(st, s, f"{n} rows, {first} has {rows[first]}", fixes.of(st, s)))
         # Each stage must have been made from the current bytes of the stage before it.
-        chain = (("captions", "pairs", lambda d: d.get("pairs_sha256")),
-                 ("text_emb", "captions", lambda d: (d.get("inputs") or {}).get("captions_sha256")))
+        captions = next((st for st in stages if stage_kind(st) == "captions"), "captions")
+        chain = [(st, "pairs", lambda d: d.get("pairs_sha256")) for st in stages
+                 if stage_kind(st) in ("captions", "latents")]
+        chain += [(st, captions, lambda d: d.get("captions_sha256") or (d.get("inputs") or {}).get("captions_sha256"))
+                  for st in stages if stage_kind(st) == "text_emb"]
         for st, before, made_from in chain:
             if s in sides.get(st, {}) and s in sides.get(before, {}):
                 src = made_from(sides[st][s])
                 if src is not None and src != sides[before][s].get("sha256"):
                     problems.append(BuildProblem(st, s, f"made from an older {before} shard ({before} was rebuilt "
                                                  "since)", fixes.of(st, s)))
-    if "text_emb" in stages and present["text_emb"]:
-        problems += _check_empty_prompt(out, sides["text_emb"], fixes)
+    for st in stages:
+        if stage_kind(st) == "text_emb" and present[st]:
+            problems += _check_empty_prompt(out, sides[st], fixes, st)
     return ids, sides, problems
 
 
@@ -283,10 +303,10 @@ def verify_build(out: Path, stages: Sequence[str] = TRAIN_STAGES, *,
     """
     out = Path(out)
     stages = tuple(stages)
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if stage_kind(s) not in STAGES]
     if not stages or unknown:
-        raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
-    stages = tuple(s for s in STAGES if s in stages)  # pipeline order: pairs first
+        raise ValueError(f"stages must be stage folders of {STAGES} (or their variants), got {stages}")
+    stages = tuple(sorted(stages, key=lambda s: (STAGES.index(stage_kind(s)), s)))  # pipeline order: pairs first
     if not out.is_dir():
         raise BuildError(out, [BuildProblem(stages[0], None, f"output root {out} does not exist",
                                             Fixes(out).of(stages[0], None))])

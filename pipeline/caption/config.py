@@ -14,6 +14,7 @@ passes here is not refused by vLLM's own validation either.
 from __future__ import annotations
 
 import dataclasses
+import re
 import json
 from typing import Any, Callable
 
@@ -100,6 +101,10 @@ class CaptionConfig(Settings):
     # vllm engine: vllm.LLM options (VLLM_OPTIONS) and images per LLM.generate call
     # (0: everything the engine is given, a whole shard, in one call: vLLM schedules it)
     vllm: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A second set of captions built beside the first from the same pairs (e.g. "blip" for
+    # Table III's BLIP row): the caption and embed stages write captions-<variant>/ and
+    # text_emb-<variant>/, and the trainer reads text_emb-<variant>/.
+    variant: str = ""
     vllm_batch_size: int = 0
     max_failed_fraction: float = 0.01
 
@@ -127,6 +132,8 @@ class CaptionConfig(Settings):
             out.append(f"vllm must be an object of vLLM engine options, got {type(self.vllm).__name__}")
         else:
             out += vllm_option_problems(self.vllm)
+        if self.variant and not re.fullmatch(r"[A-Za-z0-9_]+", self.variant):
+            out.append(f"variant {self.variant!r} must use only letters, digits and '_' (it names folders)")
         return out
 
     def prompt(self) -> str:

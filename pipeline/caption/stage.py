@@ -20,7 +20,8 @@ from PIL import Image
 from pipeline.caption.config import CaptionConfig
 from pipeline.caption.engines import CUT_FINISH, EngineDied, EngineError
 from pipeline.caption.overrides import OverrideError
-from pipeline.core.shards import DiskFullError, ShardWriter, read_sidecar, read_table, shard_path, verify_shard
+from pipeline.core.shards import DiskFullError, ShardWriter, read_sidecar, read_table, shard_path, stage_folder, \
+    verify_shard
 from pipeline.core.stage import Progress, ShardOutcome, ShardWork, Stage, StageResult, run_stage
 
 OK, FAILED, OVERRIDE = "ok", "failed", "override"
@@ -59,6 +60,7 @@ class CaptionStage(Stage):
     def __init__(self, out: Any, cfg: CaptionConfig, overrides: dict[str, str] | None = None,
                  force: bool = False, index_extra: dict[str, Any] | None = None) -> None:
         super().__init__(out, index_extra)
+        self.name = stage_folder("captions", cfg.variant)  # type: ignore[misc]
         self.cfg = cfg
         self.overrides = dict(overrides or {})
         self.force = force

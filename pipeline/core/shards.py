@@ -42,6 +42,17 @@ def sidecar_path(arrow: Path) -> Path:
     return arrow.with_name(arrow.name + ".json")
 
 
+def stage_folder(stage: str, variant: str = "") -> str:
+    """A stage's folder in the output root: `captions`, or `captions-blip` for a variant
+    built beside it from the same pairs (another captioner, its own embeddings)."""
+    return f"{stage}-{variant}" if variant else stage
+
+
+def stage_kind(folder: str) -> str:
+    """The stage a folder holds: `captions-blip` → `captions`."""
+    return folder.split("-", 1)[0]
+
+
 def shard_id(path: Path | str) -> int:
     """The number in ``shard-00042.arrow``; the one place that parses shard file names."""
     m = _SHARD_NAME.match(Path(path).name)

@@ -29,7 +29,7 @@ import pyarrow as pa
 from pipeline.core.index import rebuild_index
 from pipeline.core.shards import (
     DiskFullError, ShardWriter, atomic_write_json, build_lock, clean_tmp, complete_shards, read_sidecar,
-    shard_files, shard_path, sidecar_path, verify_shard,
+    shard_files, shard_path, sidecar_path, stage_kind, verify_shard,
 )
 from pipeline.core.versions import software_versions
 
@@ -138,7 +138,7 @@ class Stage:
                 raise StageInputError(f"{self.input_stage} shard {s} {state}; "
                                       f"run {self.input_command.format(shard=s)} first")
             works.append(ShardWork(s, int(side.get("rows", 0)),
-                                   {f"{self.input_stage}_sha256": side["sha256"]}))
+                                   {f"{stage_kind(self.input_stage)}_sha256": side["sha256"]}))
         return works
 
     def expectations(self, work: ShardWork) -> dict[str, Any]:

@@ -353,7 +353,8 @@ def hidden_matrix(column: pa.ListArray, row: int) -> np.ndarray:
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 
 
-def empty_prompt_path(out: Path) -> Path:
+def empty_prompt_path(out: Path, folder: str = "text_emb") -> Path:
     """`<build>/text_emb/empty_prompt.safetensors`: float16 (77, D) `hidden`, written once per
-    build by the embed stage, read by the trainer (null-text dropout) and by sampling (CFG)."""
-    return Path(out) / "text_emb" / EMPTY_PROMPT_FILE
+    build (and embeddings folder) by the embed stage, read by the trainer (null-text
+    dropout) and by sampling (CFG)."""
+    return Path(out) / folder / EMPTY_PROMPT_FILE

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import pyarrow as pa
 
-from pipeline.core.shards import ShardWriter, atomic_file, read_sidecar, read_table, shard_path, verify_shard
+from pipeline.core.shards import ShardWriter, atomic_file, read_table, shard_path, stage_folder, verify_shard
 from pipeline.core.stage import Progress, ShardOutcome, ShardWork, Stage, StageInputError, StageResult, run_stage
 from pipeline.core.tensorfile import save_canonical
 from pipeline.embed.config import EmbedConfig
@@ -143,11 +143,14 @@ class EmbedStage(Stage):
     packages: ClassVar[tuple[str, ...]] = ("numpy", "torch", "transformers", "tokenizers", "pyarrow")
 
     def __init__(self, out: Path, cfg: EmbedConfig, *, force: bool = False, tokenizer: Any = None,
-                 encoder: Any = None, identity: str | None = None,
+                 encoder: Any = None, identity: str | None = None, variant: str = "",
                  index_extra: dict[str, Any] | None = None) -> None:
         """`tokenizer`/`encoder`: already loaded (tests, benchmarks); `identity` names an
-        encoder built in memory (default: computed from `cfg.model`'s files)."""
+        encoder built in memory (default: computed from `cfg.model`'s files); `variant`:
+        embed captions-<variant>/ into text_emb-<variant>/ (the manifest's caption.variant)."""
         super().__init__(out, index_extra)
+        self.input_stage = stage_folder("captions", variant)  # type: ignore[misc]
+        self.name = stage_folder("text_emb", variant)  # type: ignore[misc]
         self.cfg, self.force = cfg, force
         self.tokenizer, self.encoder = tokenizer, encoder
         self.identity = identity
@@ -200,9 +203,9 @@ class EmbedStage(Stage):
         return 1, {"num_cpus": 1}
 
     def prepare(self, todo: Sequence[ShardWork]) -> None:
-        if todo or not empty_prompt_current(self.out, self.config_hash()):
+        if todo or not empty_prompt_current(self.out, self.config_hash(), self.name):
             self.open()
-            ensure_empty_prompt(self.out, self.cfg, self.tokenizer, self.encoder, self._ident())
+            ensure_empty_prompt(self.out, self.cfg, self.tokenizer, self.encoder, self._ident(), self.name)
 
     def _previous(self, shard: int) -> _Previous | None:
         if self.force:
@@ -267,7 +270,7 @@ class EmbedStage(Stage):
                 },
                 "failed_caption_keys": failed_keys,
                 "padding_waste": round(stats["padding"] / stats["positions"], 6) if stats["positions"] else 0.0,
-                "empty_prompt": f"{self.name}/{empty_prompt_path(self.out).name}",
+                "empty_prompt": f"{self.name}/{empty_prompt_path(self.out, self.name).name}",
                 "timing": {**{k: round(v, 3) for k, v in timing.items()}, "encoded_rows_per_s": rate},
             },
             counts={"encoded": stats["encoded"], "reused": stats["reused"]})
@@ -285,10 +288,10 @@ class EmbedStage(Stage):
 # ----------------------------------------------------------- empty prompt ---
 
 
-def empty_prompt_current(out: Path, chash: str) -> bool:
+def empty_prompt_current(out: Path, chash: str, folder: str = "text_emb") -> bool:
     from safetensors import safe_open
 
-    path = empty_prompt_path(out)
+    path = empty_prompt_path(out, folder)
     try:
         with safe_open(str(path), framework="np") as f:
             return (f.metadata() or {}).get("config_hash") == chash and "hidden" in f.keys()
@@ -296,12 +299,13 @@ def empty_prompt_current(out: Path, chash: str) -> bool:
         return False
 
 
-def ensure_empty_prompt(out: Path, cfg: EmbedConfig, tokenizer: Any, encoder: Any, identity: str) -> Path:
+def ensure_empty_prompt(out: Path, cfg: EmbedConfig, tokenizer: Any, encoder: Any, identity: str,
+                        folder: str = "text_emb") -> Path:
     """Write the empty prompt's float16 (77, D) `hidden` once per build: the trainer's null
     text for caption dropout and classifier-free guidance."""
-    path = empty_prompt_path(out)
+    path = empty_prompt_path(out, folder)
     chash = f"{cfg.hash()}-{identity}"
-    if empty_prompt_current(out, chash):
+    if empty_prompt_current(out, chash, folder):
         return path
     hidden = np.ascontiguousarray(empty_prompt_embedding(tokenizer, encoder))
     meta = {"model": cfg.model, "config_hash": chash, "model_identity": identity,
@@ -313,9 +317,9 @@ def ensure_empty_prompt(out: Path, cfg: EmbedConfig, tokenizer: Any, encoder: An
 
 def run_embed(out: Path, cfg: EmbedConfig, shards: list[int] | None = None, show_progress: bool = True,
               log: Any = None, index_extra: dict[str, Any] | None = None, force: bool = False,
-              actors: int | None = None) -> StageResult:
+              actors: int | None = None, variant: str = "") -> StageResult:
     """The job behind jobs/embed.py: the given captions shards (None: all) that are missing or
     stale, in this process (the text encoder is small) or on `actors` Ray actors."""
-    stage = EmbedStage(out, cfg, force=force, index_extra=index_extra)
+    stage = EmbedStage(out, cfg, force=force, variant=variant, index_extra=index_extra)
     distributor = "actors" if actors and shards is None else "serial"
     return run_stage(stage, shards, distributor=distributor, actors=actors, show_progress=show_progress, log=log)
