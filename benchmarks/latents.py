@@ -12,8 +12,10 @@ run_stage: decode the stored HQ PNGs, encode, commit the shard):
 
 Reported: rows/s of each, the ratio SD1.5-size ÷ tiny in the same run, and the latents
 shard's bytes per row beside the pairs shard's (a latents row is 8 × 64 × 64 float16 =
-64 KiB at 512², whatever the VAE's size). The GPU figures (SD1.5 VAE in fp16 at batch
-32) come from benchmarks/gpu_checks.sh.
+64 KiB at 512², whatever the VAE's size). Then the training loader on that build, in this
+process (one core = one worker), uint8 batches as the trainer asks for them: samples/s
+shipping VAE moments (train.latents cached) against not (the trainer then encodes), same
+run. The GPU figures (SD1.5 VAE in fp16 at batch 32) come from benchmarks/gpu_checks.sh.
 """
 
 from __future__ import annotations
@@ -106,6 +108,36 @@ def measure(out: Path, vae_ref: str, label: str) -> dict:
             "encoder_params_m": round(sum(p.numel() for p in stage.vae.encoder.parameters()) / 1e6, 2)}
 
 
+def loader_rates(build: Path, text_model: Path, rounds: int = 3) -> dict:
+    """Samples/s of the trainer's loader over the build, with and without moments, interleaved."""
+    import torch
+
+    from model.training.data import ShardedPairs, collate
+    from pipeline.caption.config import CaptionConfig
+    from pipeline.caption.stage import CaptionStage
+    from pipeline.core.shards import read_table
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.stage import run_embed
+
+    keys = [k for _, a in shard_files(build, "pairs") for k in read_table(a).column("key").to_pylist()]
+    words = "a photo of a cat sitting on a wooden floor next to a cup of coffee and a red rocket "
+    overrides = {k: (words * 6)[: 200 + 7 * i % 150] for i, k in enumerate(keys)}  # written captions: no engine
+    run_stage(CaptionStage(build, CaptionConfig(), overrides), show_progress=False, log=io.StringIO())
+    run_embed(build, EmbedConfig(model=str(text_model)), show_progress=False, log=io.StringIO())
+    out = {}
+    for latents in (False, True) * rounds:
+        data = ShardedPairs(build, seed=0, null_text_ratio=0.0, image_dtype=torch.uint8, latents=latents)
+        n = len(data)
+        t0 = time.perf_counter()
+        for start in range(0, n - 3, 4):
+            collate(data.__getitems__(list(range(start, start + 4))), data.empty_prompt)
+        rate = (n - n % 4) / (time.perf_counter() - t0)
+        key = "with_moments" if latents else "without_moments"
+        out[key] = max(out.get(key, 0.0), rate)  # best of the rounds: the least disturbed
+    return {"loader_samples_per_s_" + k: round(v, 1) for k, v in out.items()} | {
+        "loader_moments_over_plain": round(out["with_moments"] / out["without_moments"], 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=16, help="pairs encoded with the tiny VAE")
@@ -120,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         big = sd15_vae(work / "sd15")
         out = pairs_build(work / "a", args.rows)
         runs = [measure(out, str(tiny), "tiny")]
+        loader = loader_rates(out.parent / "build-tiny", tiny)
         out_small = pairs_build(work / "b", args.sd_rows)
         runs.append(measure(out_small, str(big), "sd15-size"))
     result = {"cpu": cpu_model(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs,
-              "sd15_over_tiny_time_per_row": round(runs[0]["rows_per_s"] / runs[1]["rows_per_s"], 1)}
+              "sd15_over_tiny_time_per_row": round(runs[0]["rows_per_s"] / runs[1]["rows_per_s"], 1), **loader}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"CPU: {result['cpu']}")
@@ -133,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['label']} | {r['encoder_params_m']} M | {r['rows']} | {r['rows_per_s']} | "
               f"{r['latents_bytes_per_row']} | {r['pairs_bytes_per_row']} | {r['moments_shape']} |")
     print(f"SD1.5-size VAE takes {result['sd15_over_tiny_time_per_row']}x the tiny VAE's time per row")
+    print(f"loader, one core, uint8 batches of 4: {loader['loader_samples_per_s_without_moments']} samples/s "
+          f"without moments, {loader['loader_samples_per_s_with_moments']} with "
+          f"(x{loader['loader_moments_over_plain']})")
     return 0
 
 

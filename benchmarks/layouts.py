@@ -87,8 +87,12 @@ def flops(layout: str, resolution: int) -> dict[str, Any]:
     forward = sum(v for k, v in out.items() if k != "backward")
     trainable = sum(p.numel() for p in model.trainable_parameters())
     frozen = sum(p.numel() for _, p in model.iter_frozen_parameters())
+    # With the latents stage (train.latents cached) the step draws z from stored moments
+    # (elementwise work FlopCounterMode does not count) instead of running the encoder.
+    cached = forward + out["backward"] - out["vae_encode"]
     return {"layout": layout, "resolution": r, "flops": out, "forward_flops": forward,
-            "total_flops": forward + out["backward"], "trainable_parameters": trainable,
+            "total_flops": forward + out["backward"], "total_flops_cached_latents": cached,
+            "cached_over_encode": cached / (forward + out["backward"]), "trainable_parameters": trainable,
             "frozen_parameters_loaded": frozen, "groups": model.parameter_groups(),
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -239,6 +243,9 @@ def _table(rows: dict[str, Any], cpu: dict[str, Any], ratio: dict[str, float], a
     for phase in ("vae_encode", "static_priors", "controlnet", "unet", "backward"):
         row(f"TFLOPs per sample at {args.resolution}²: {phase}", p["flops"][phase] / tf, a["flops"][phase] / tf)
     row(f"TFLOPs per training sample at {args.resolution}² (total)", p["total_flops"] / tf, a["total_flops"] / tf)
+    row(f"... with cached latents (jobs/latents.py)", p["total_flops_cached_latents"] / tf,
+        a["total_flops_cached_latents"] / tf)
+    row("cached ÷ encoding every step", p["cached_over_encode"], a["cached_over_encode"])
     row("trainable weights + grads + Adam, fp32 (GiB)", p["memory"]["trainable_total_gib"],
         a["memory"]["trainable_total_gib"], "{:.2f}")
     row("... + frozen parts in bf16 (GiB)", p["memory"]["total_bf16_frozen_gib"], a["memory"]["total_bf16_frozen_gib"],
