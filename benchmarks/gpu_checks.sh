@@ -10,6 +10,10 @@
 #       8.82 s on an A100                            -> $OUT/restore_fullsize.{log,json}
 #   (d) train_fullsize: benchmarks/train_fullsize.py, CUDA, batch 8, 512², bf16, gradient
 #       checkpointing off and on, for each layout   -> $OUT/train_fullsize.{log,json}
+#   (e) latents: benchmarks/latents.py --sd-only, the latents stage's rows/s with an SD1.5-size
+#       VAE on CUDA in float16, batch 32           -> $OUT/latents.{log,json}
+#   (f) train_latents: benchmarks/train_fullsize.py, paper layout, batch 8, checkpointing on,
+#       VAE encoded in the step vs cached moments  -> $OUT/train_latents.{log,json}
 #
 # plus $OUT/summary.log (the Python environment and each step's status and time): 8 files,
 # what a device call brings back at most (each step's per-layout results are merged into its
@@ -67,11 +71,12 @@ if [ "${1:-}" = "--dry-run" ]; then
     DRY=1
     shift
 fi
-STEPS=${*:-"nvidia-smi embed restore_fullsize train_fullsize"}
+STEPS=${*:-"nvidia-smi embed restore_fullsize train_fullsize latents train_latents"}
 LAYOUTS=${GPU_CHECKS_LAYOUTS:-"paper adapter"}
 for s in $STEPS; do
-    case $s in nvidia-smi|embed|restore_fullsize|train_fullsize) ;; *)
-        echo "unknown step $s; steps: nvidia-smi embed restore_fullsize train_fullsize" >&2; exit 2 ;;
+    case $s in nvidia-smi|embed|restore_fullsize|train_fullsize|latents|train_latents) ;; *)
+        echo "unknown step $s; steps: nvidia-smi embed restore_fullsize train_fullsize latents train_latents" >&2
+        exit 2 ;;
     esac
 done
 wanted() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -205,6 +210,27 @@ pathlib.Path(out).write_text(json.dumps(merged, indent=1) + "\n")
 print(f"[{name}] merged layouts {sorted(merged)} -> {out}")
 EOF
 done
+
+wanted latents && step latents 240 "$PY" benchmarks/latents.py --sd-only --sd-rows 256 --device cuda \
+    --dtype float16 --batch-size 32 --out "$OUT/latents.json"
+if wanted train_latents; then
+    mkdir -p .cache/gpu-checks
+    for how in encode cached; do
+        step "train_latents-$how" 300 "$PY" benchmarks/train_fullsize.py --device cuda --layout paper --cases on \
+            --latents "$how" --out "$ROOT/.cache/gpu-checks/train_latents-$how.json"
+    done
+    for how in encode cached; do
+        [ -f "$OUT/train_latents-$how.log" ] && { echo "== $how"; cat "$OUT/train_latents-$how.log"; rm -f "$OUT/train_latents-$how.log"; }
+    done >"$OUT/train_latents.log"
+    [ "$DRY" -eq 1 ] || "$PY" - "$OUT/train_latents.json" "$ROOT/.cache/gpu-checks" <<'EOF' | tee -a "$SUMMARY"
+import json, pathlib, sys
+out, folder = sys.argv[1], pathlib.Path(sys.argv[2])
+merged = {h: json.loads((folder / f"train_latents-{h}.json").read_text()) for h in ("encode", "cached")
+          if (folder / f"train_latents-{h}.json").is_file()}
+pathlib.Path(out).write_text(json.dumps(merged, indent=1) + "\n")
+print(f"[train_latents] merged {sorted(merged)} -> {out}")
+EOF
+fi
 
 note "gpu_checks: done in $((SECONDS - START))s; $([ "$FAILED" -eq 0 ] && echo "all steps ok" || echo "SOME STEPS FAILED")"
 exit "$FAILED"

@@ -83,14 +83,16 @@ def sd15_vae(folder: Path) -> Path:
     return folder
 
 
-def measure(out: Path, vae_ref: str, label: str) -> dict:
+def measure(out: Path, vae_ref: str, label: str, device: str = "cpu", dtype: str = "float32",
+            batch_size: int | None = None) -> dict:
     build = out.parent / f"build-{label}"
     shutil.rmtree(build, ignore_errors=True)
     (build / "pairs").mkdir(parents=True)
     for s, arrow in shard_files(out, "pairs"):
         shutil.copyfile(arrow, build / "pairs" / arrow.name)
         shutil.copyfile(arrow.with_name(arrow.name + ".json"), build / "pairs" / (arrow.name + ".json"))
-    stage = LatentsStage(build, LatentsConfig(batch_size=1 if "sd15" in label else 8), vae_ref, 512, device="cpu")
+    cfg = LatentsConfig(batch_size=batch_size or (1 if "sd15" in label else 8), dtype=dtype)
+    stage = LatentsStage(build, cfg, vae_ref, 512, device=device)
     stage.plan(None)  # identity hashed before the clock starts (a one-off per job)
     stage.open()  # the model loads once per job; not part of the rate
     t0 = time.perf_counter()
@@ -100,7 +102,8 @@ def measure(out: Path, vae_ref: str, label: str) -> dict:
     assert result.exit_code == 0 and rows == result.rows_planned, result.summary()
     lat = [read_sidecar(a) for _, a in shard_files(build, "latents")]
     pairs = [read_sidecar(a) for _, a in shard_files(build, "pairs")]
-    return {"label": label, "rows": rows, "seconds": round(wall, 2), "rows_per_s": round(rows / wall, 3),
+    return {"label": label, "device": device, "dtype": dtype, "batch_size": cfg.batch_size,
+            "rows": rows, "seconds": round(wall, 2), "rows_per_s": round(rows / wall, 3),
             "encode_s": round(sum(s["timing"]["encode_s"] for s in lat), 2),
             "latents_bytes_per_row": round(sum(s["bytes"] for s in lat) / rows),
             "pairs_bytes_per_row": round(sum(s["bytes"] for s in pairs) / rows),
@@ -143,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=16, help="pairs encoded with the tiny VAE")
     ap.add_argument("--sd-rows", type=int, default=2, help="pairs encoded with the SD1.5-size VAE")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "latents.json")
+    ap.add_argument("--sd-only", action="store_true",
+                    help="only the SD1.5-size VAE (the GPU check: --device cuda --dtype float16 --batch-size 32)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for the SD1.5-size VAE")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="compute dtype of the SD1.5-size VAE (latents.dtype)")
+    ap.add_argument("--batch-size", type=int, help="images per VAE call for the SD1.5-size VAE (default 1)")
     args = ap.parse_args(argv)
     from demo_fixtures.tiny_sd import build_tiny_sd
 
@@ -150,13 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         tiny = build_tiny_sd(work / "tiny")
         big = sd15_vae(work / "sd15")
-        out = pairs_build(work / "a", args.rows)
-        runs = [measure(out, str(tiny), "tiny")]
-        loader = loader_rates(out.parent / "build-tiny", tiny)
+        runs, loader = [], {}
+        if not args.sd_only:
+            out = pairs_build(work / "a", args.rows)
+            runs.append(measure(out, str(tiny), "tiny"))
+            loader = loader_rates(out.parent / "build-tiny", tiny)
         out_small = pairs_build(work / "b", args.sd_rows)
-        runs.append(measure(out_small, str(big), "sd15-size"))
-    result = {"cpu": cpu_model(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs,
-              "sd15_over_tiny_time_per_row": round(runs[0]["rows_per_s"] / runs[1]["rows_per_s"], 1), **loader}
+        runs.append(measure(out_small, str(big), "sd15-size", args.device, args.dtype, args.batch_size))
+    result = {"cpu": cpu_model(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs, **loader}
+    if len(runs) == 2:
+        result["sd15_over_tiny_time_per_row"] = round(runs[0]["rows_per_s"] / runs[1]["rows_per_s"], 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"CPU: {result['cpu']}")
@@ -165,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         print(f"| {r['label']} | {r['encoder_params_m']} M | {r['rows']} | {r['rows_per_s']} | "
               f"{r['latents_bytes_per_row']} | {r['pairs_bytes_per_row']} | {r['moments_shape']} |")
-    print(f"SD1.5-size VAE takes {result['sd15_over_tiny_time_per_row']}x the tiny VAE's time per row")
-    print(f"loader, one core, uint8 batches of 4: {loader['loader_samples_per_s_without_moments']} samples/s "
-          f"without moments, {loader['loader_samples_per_s_with_moments']} with "
-          f"(x{loader['loader_moments_over_plain']})")
+    if loader:
+        print(f"SD1.5-size VAE takes {result['sd15_over_tiny_time_per_row']}x the tiny VAE's time per row")
+        print(f"loader, one core, uint8 batches of 4: {loader['loader_samples_per_s_without_moments']} samples/s "
+              f"without moments, {loader['loader_samples_per_s_with_moments']} with "
+              f"(x{loader['loader_moments_over_plain']})")
     return 0
 
 

@@ -98,8 +98,10 @@ def mixed_precision(dtype: str, cuda: bool) -> str:
     return _mixed_precision(TrainConfig(mixed_precision="auto")) if cuda else "no"
 
 
-def synthetic_batch(batch: int, resolution: int, chunks: int, width: int, pin: bool) -> dict[str, Any]:
-    """A batch as the loader ships it (image_dtype=torch.uint8), made by the loader's `collate`."""
+def synthetic_batch(batch: int, resolution: int, chunks: int, width: int, pin: bool,
+                    moments: bool = False) -> dict[str, Any]:
+    """A batch as the loader ships it (image_dtype=torch.uint8), made by the loader's `collate`;
+    with `moments`, as it ships it with train.latents cached (VAE mean ‖ log-variance, float16)."""
     import torch
 
     from model.training.data import CHUNK_LENGTH, collate
@@ -113,6 +115,10 @@ def synthetic_batch(batch: int, resolution: int, chunks: int, width: int, pin: b
     items = [{"key": f"synthetic-{i:02d}", "hq": img(resolution), "lq": img(lq_side), "lq_up": img(resolution),
               "text": torch.randn(chunks * CHUNK_LENGTH, width, generator=g).to(torch.float16),
               "null_text": False, "epoch": 0, "index": i} for i in range(batch)]
+    if moments:
+        for it in items:
+            mean = torch.randn(4, resolution // 8, resolution // 8, generator=g)
+            it["moments"] = torch.cat([mean, torch.full_like(mean, -6.0)]).to(torch.float16)
     out = collate(items, torch.zeros(CHUNK_LENGTH, width, dtype=torch.float16))
     if pin:
         out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
@@ -136,7 +142,7 @@ def child(args: argparse.Namespace, case: str) -> dict[str, Any]:
                       micro_batch_size=args.batch, gradient_checkpointing=CASES[case], mixed_precision=mp,
                       attention_layout=args.layout)
     result: dict[str, Any] = {"case": case, "gradient_checkpointing": CASES[case], "status": "ok",
-                              "mixed_precision": mp, "attention_layout": args.layout}
+                              "mixed_precision": mp, "attention_layout": args.layout, "latents": args.latents}
 
     def sync() -> None:
         if cuda:
@@ -154,13 +160,14 @@ def child(args: argparse.Namespace, case: str) -> dict[str, Any]:
         acc = Accelerator(mixed_precision=mp, cpu=not cuda)
         # The trainer's own setup (model, frozen dtype, checkpointing, scheduler, Adam),
         # run on a stand-in for the Trainer that has just the two attributes it reads.
-        state = types.SimpleNamespace(accelerator=acc, cfg=cfg)
+        state = types.SimpleNamespace(accelerator=acc, cfg=cfg, latents_source=args.latents)
         Trainer._load_model(state)  # type: ignore[arg-type]
         model = state.model
         train_step, optimizer = acc.prepare(TrainStep(model, state.scheduler, cfg), state.optimizer)
         train_step.train()
         width = model.unet.config.cross_attention_dim
-        batch = synthetic_batch(args.batch, args.resolution, args.chunks, width, pin=cuda)
+        batch = synthetic_batch(args.batch, args.resolution, args.chunks, width, pin=cuda,
+                                moments=args.latents == "cached")
         sync()
         result["load_seconds"] = round(time.perf_counter() - t0, 2)
         result["load_peak_memory_mb"] = round(peak_mb(), 1)
@@ -219,7 +226,7 @@ def run_case(args: argparse.Namespace, case: str) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "--child", case, "--result", str(res_path), "--layout", args.layout,
                "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
                "--resolution", str(args.resolution), "--steps", str(args.steps), "--chunks", str(args.chunks),
-               "--cache", str(args.cache)]
+               "--cache", str(args.cache), "--latents", args.latents]
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, cwd=ROOT).returncode
         wall = round(time.perf_counter() - t0, 1)
@@ -247,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench-restore-fullsize",
                     help="where the random SD1.5-size folder is built once (sd15/), shared with restore_fullsize.py")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "train_fullsize.json")
+    ap.add_argument("--latents", default="encode", choices=("encode", "cached"),
+                    help="encode: the VAE encoder runs in the step; cached: the batch carries stored moments "
+                         "(train.latents cached) and the encoder is not on the device")
     ap.add_argument("--child", choices=tuple(CASES), help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
