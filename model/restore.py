@@ -8,7 +8,8 @@
         [--sd PATH] [--image-encoder REF] [--device auto|cpu|cuda] [--dtype auto|fp32|bf16|fp16]
 
 Per LQ image: a caption from LLaVA through the caption engines (the stage's own code,
-default engine `transformers`) unless --prompt overrides it; the text becomes SD1.5 CLIP
+default engine `transformers`) unless --prompt overrides it (a checkpoint trained with
+`text_prior` none gets the empty prompt and no captioner runs); the text becomes SD1.5 CLIP
 chunks exactly as the embed stage makes them; sampling starts from the LQ latent noised to
 t = 999 (LRE) and runs DDPM (or DPM-Solver++) with classifier-free guidance (the empty
 prompt as the unconditional branch, structure and image priors on in both branches).
@@ -80,23 +81,32 @@ def settings_from(args: argparse.Namespace) -> RestoreSettings:
                            tile=args.tile, tile_overlap=args.tile_overlap, color_fix=args.color_fix)
 
 
-def check_models_exist(args: argparse.Namespace) -> None:
-    """The checkpoint and the SD1.5 folder it needs are there (cheap: no weights read)."""
+def check_models_exist(args: argparse.Namespace) -> dict:
+    """The checkpoint and the SD1.5 folder it needs are there (cheap: no weights read);
+    returns what the checkpoint records (`checkpoint_models`)."""
     from model.networks.sspir import ModelLayoutError, resolve_sd
 
-    sd = args.sd or checkpoint_models(resolve_checkpoint(args.checkpoint))["pretrained"]
+    recorded = checkpoint_models(resolve_checkpoint(args.checkpoint))
+    sd = args.sd or recorded["pretrained"]
     if not sd:
         raise RestoreSetupError("the checkpoint records no SD1.5 model; pass --sd")
     try:
         resolve_sd(sd)
     except ModelLayoutError as e:
         raise RestoreSetupError(f"{e}; pass --sd if it moved") from None
+    return recorded
 
 
 def prompts_for(args: argparse.Namespace, inputs: Sequence[Path],
-                failed: dict[Path, str]) -> dict[Path, tuple[str, str]]:
+                failed: dict[Path, str], text_prior: str = "caption") -> dict[Path, tuple[str, str]]:
     """(prompt, source) per input: --prompt, or LLaVA's caption (engine closed afterwards,
-    before SD1.5 loads, so the two never share a GPU). Unreadable inputs go to `failed`."""
+    before SD1.5 loads, so the two never share a GPU). Unreadable inputs go to `failed`.
+    A checkpoint trained with `text_prior` "none" gets the empty prompt, and no captioner runs."""
+    if text_prior == "none":
+        if args.prompt:
+            print("note: the checkpoint was trained with text_prior none (the empty prompt for every image); "
+                  "--prompt is ignored", file=sys.stderr)
+        return {p: ("", "text_prior none") for p in inputs}
     if args.prompt is not None:
         return {p: (args.prompt, "user") for p in inputs}
     engine = make_caption_engine(args.caption_engine, args.caption_model, args.caption_server,
@@ -158,8 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = list_inputs(args.input)
         if not inputs:
             raise RestoreSetupError(f"--input {args.input} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        check_models_exist(args)  # fail before minutes of captioning, not after
-        prompts = prompts_for(args, inputs, failed)
+        recorded = check_models_exist(args)  # fail before minutes of captioning, not after
+        prompts = prompts_for(args, inputs, failed, recorded["switches"].text_prior)
         restorer = Restorer(args.checkpoint, sd=args.sd, image_encoder=args.image_encoder, device=args.device,
                             dtype=args.dtype)
         restorer.check(settings)

@@ -7,8 +7,10 @@
   torchrun --nproc_per_node 2 model/train.py --manifest manifests/demo.json   # no CUDA: DDP on the CPU (gloo)
 
 Checks every shard of every stage before starting (complete, sha256, keys agree) and
-refuses otherwise, naming the shard. Checkpoints go to <build>/train/checkpoints (or
---train-dir); --resume continues exactly where the last checkpoint stopped.
+refuses otherwise, naming the shard. Checkpoints go to <build>/<train.run_dir>/checkpoints
+(run_dir defaults to "train"; --train-dir wins), so the ablation manifests of
+manifests/paper/ train side by side on one build; --resume continues exactly where the last
+checkpoint stopped.
 
 Exit status: 0 done; 2 the run cannot start (bad manifest, incomplete build, missing
 model, unwritable output, a --resume whose checkpoint was written with another trainable
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", required=True, help="manifest JSON with a \"train\" section")
     ap.add_argument("--out", help="the build's output root; overrides the manifest's \"output\"")
     ap.add_argument("--train-dir", help="where checkpoints, metrics and validation images go "
-                                        "(default: <build>/train)")
+                                        "(default: <build>/<train.run_dir>, run_dir default train)")
     ap.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: train.max_steps)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --train-dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.manifest, out=args.out, check_sources=False)
         cfg = manifest.settings(TrainConfig, "train")
-        run_dir = Path(args.train_dir) if args.train_dir else manifest.output / "train"
+        run_dir = Path(args.train_dir) if args.train_dir else manifest.output / cfg.run_dir
         history = run_training(manifest.output, run_dir, cfg, max_steps=args.max_steps, resume=args.resume,
                                show_progress=not args.no_progress)
     except (ManifestError, BuildError, TrainSetupError) as e:

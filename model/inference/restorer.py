@@ -7,6 +7,10 @@ CLIP chunks exactly as the embed stage makes them; sampling starts from the LQ l
 to t = 999 (LRE, model/inference/sampling.py) with the scheduler of
 model/inference/scheduler.py (the same the trainer's validation grids use), tiles large
 inputs (model/inference/tiling.py) and optionally corrects colour (model/inference/colour.py).
+
+The checkpoint's ablation switches (its trainable/layout.json) are honoured: the model is
+built as that variant, and a run trained with `text_prior` "none" restores every image with
+the empty prompt, whatever prompt is offered (it never saw another).
 """
 
 from __future__ import annotations
@@ -50,13 +54,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def checkpoint_models(ckpt: Path) -> dict[str, Any]:
-    """What the run trained on, from trainer_state.json: `pretrained` (SD1.5), `image_encoder`, `step`."""
+    """What the run trained on, from trainer_state.json: `pretrained` (SD1.5), `image_encoder`, `step`;
+    and its ablation switches (`switches`, a PriorSwitches) from the trainable parts' layout.json."""
+    from model.networks.layouts import folder_switches
     from model.training.checkpoint import load_trainer_state
 
     state = load_trainer_state(ckpt)
     cfg = state.get("config", state)
     return {"pretrained": cfg.get("pretrained"), "image_encoder": cfg.get("image_encoder"),
-            "step": state.get("step")}
+            "step": state.get("step"), "switches": folder_switches(ckpt / "trainable")}
 
 
 # -------------------------------------------------------------- settings ---
@@ -165,6 +171,7 @@ class Restorer:
             raise RestoreSetupError(f"cannot load the models of {self.checkpoint} ({e}); pass --sd / "
                                     "--image-encoder if they moved") from None
         self.model.to(self.device).eval()
+        self.switches = self.model.switches
         self.empty = torch.from_numpy(empty_prompt_embedding(self.tokenizer, self.text_encoder)).float()
         unet_halvings = len(self.model.unet.config.block_out_channels) - 1
         self.vae_factor = 2 ** (len(self.model.vae.config.block_out_channels) - 1)
@@ -206,11 +213,14 @@ class Restorer:
     def restore(self, lq_rgb: np.ndarray, prompt: str, settings: RestoreSettings = RestoreSettings(),
                 on_step: OnStep | None = None, text: torch.Tensor | None = None) -> RestoreResult:
         """uint8 LQ (h, w, 3) → ×4 uint8 restoration. `text` skips the text encoder (a
-        precomputed embedding for `prompt`); `on_step(i, t, latents)` sees each step."""
+        precomputed embedding for `prompt`); `on_step(i, t, latents)` sees each step. A
+        checkpoint trained with `text_prior` "none" gets the empty prompt instead of both."""
         self.check(settings)
         t0 = time.perf_counter()
         h, w = lq_rgb.shape[:2]
-        if text is None:
+        if self.switches.text_prior == "none":
+            prompt, text = "", self.empty
+        elif text is None:
             text = self.embed(prompt)
         lq, lq_up = lq_tensors(pad_lq(lq_rgb, self.multiple), self.device)
         self._configure_vae(settings)
@@ -243,5 +253,6 @@ class Restorer:
                 "checkpoint": str(self.checkpoint), "step": self.step, "sd": str(self.sd),
                 "image_encoder": str(self.image_encoder_ref), "max_chunks": self.max_chunks,
                 "dtype": str(self.dtype).removeprefix("torch."), "lre_timestep": LRE_TIMESTEP,
+                "switches": self.switches.to_dict(),
                 "timestep_spacing": TIMESTEP_SPACING, **dataclasses.asdict(settings)}
         return {"prompt": prompt, "sspir": json.dumps(meta, sort_keys=True), "Software": "SSP-IR model/restore.py"}

@@ -281,6 +281,10 @@ class PriorBlocks(nn.Module):
                              f"{config.get('version')!r}; expected {CONFIG_FORMAT!r} v{CONFIG_VERSION})")
         return cls([BlockSite(**site) for site in config["sites"]], fresh=False)
 
+    def kinds(self) -> set[str]:
+        """The kinds of transformer present (IMAGE, STRUCTURE): the ablation switches leave one or both out."""
+        return {s.kind for s in self.sites}
+
     @property
     def image_dim(self) -> int | None:
         dims = {s.config["cross_attention_dim"] for s in self.sites if s.kind == IMAGE}
@@ -289,7 +293,7 @@ class PriorBlocks(nn.Module):
     # --- hooking in ------------------------------------------------------------
     def check_matches(self, unet: nn.Module) -> None:
         """Raise unless these sites are the ones `unet` has (same paths, shapes and residual pairing)."""
-        kinds = {s.kind for s in self.sites}
+        kinds = self.kinds()
         want = paper_sites(unet, self.image_dim or 0, IMAGE in kinds, STRUCTURE in kinds)
         if [asdict(s) for s in want] != [asdict(s) for s in self.sites]:
             ours, theirs = {s.key for s in self.sites}, {s.key for s in want}

@@ -15,7 +15,6 @@ part by part (tests/test_model.py), and docs/model.md tabulates both.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -59,27 +58,28 @@ def _count(params: Iterable[nn.Parameter]) -> int:
 
 
 def read_train_section(manifest: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest's `train` section, ${VAR}-expanded (only this section: other sections may
-    name data folders that do not exist on this machine)."""
-    from pipeline.core.manifest import ManifestError, _expand
+    """The manifest's `train` section with every `extends` merged, ${VAR}-expanded (only this
+    section: other sections may name data folders that do not exist on this machine), and
+    its ablation switches checked."""
+    from pipeline.core.manifest import ManifestError, _expand, read_resolved
 
     path = Path(manifest)
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read manifest ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}") from None
-    train = raw.get("train") if isinstance(raw, dict) else None
+    raw, _ = read_resolved(path)
+    train = raw.get("train")
     if not isinstance(train, dict):
         raise ManifestError(f"{path}: no `train` section (an object with `pretrained` and `image_encoder`)")
     train = _expand(train, "train", path)
     for key in ("pretrained", "image_encoder"):
         if not isinstance(train.get(key), str):
             raise ManifestError(f"{path}: train.{key} should be a string (a hub id / timm name or a folder)")
-    for key in ("processor", "refine"):
-        if key in train and not isinstance(train[key], dict):
-            raise ManifestError(f"{path}: train.{key} should be an object of constructor arguments")
+    if "processor" in train and not isinstance(train["processor"], dict):
+        raise ManifestError(f"{path}: train.processor should be an object of constructor arguments")
+    from model.networks.layouts import DEFAULT_LAYOUT
+    from model.networks.switches import PriorSwitches
+
+    problems = PriorSwitches.from_dict(train).problems(train.get("attention_layout", DEFAULT_LAYOUT))
+    if problems:
+        raise ManifestError(f"{path}: train: {'; '.join(problems)}")
     return train
 
 
@@ -112,6 +112,7 @@ def build_meta(train: dict[str, Any], attention_layout: str | None = None) -> di
     from model.networks.image_encoder import load_image_encoder
     from model.networks.layouts import DEFAULT_LAYOUT
     from model.networks.sspir import SSPIR
+    from model.networks.switches import PriorSwitches
 
     layout = attention_layout or train.get("attention_layout", DEFAULT_LAYOUT)
     unet_cfg, vae_cfg, text_cfg, source = _frozen_configs(train["pretrained"])
@@ -121,7 +122,7 @@ def build_meta(train: dict[str, Any], attention_layout: str | None = None) -> di
         text_encoder = CLIPTextModel(text_cfg)
         image_encoder = load_image_encoder(train["image_encoder"], pretrained=False)
         model = SSPIR(vae, unet, image_encoder, attention_layout=layout, processor_kwargs=train.get("processor"),
-                      refine_kwargs=train.get("refine"))
+                      switches=PriorSwitches.from_dict(train))
     return {"model": model, "text_encoder": text_encoder, "source": source}
 
 
@@ -195,7 +196,8 @@ def parameter_counts(train: dict[str, Any], release: bool = True, attention_layo
         raise RuntimeError("trainable groups do not add up to the model's trainable parameters")
     out: dict[str, Any] = {
         "source": built["source"], "image_encoder": train["image_encoder"],
-        "attention_layout": model.attention_layout,
+        "attention_layout": model.attention_layout, "switches": model.switches.to_dict(),
+        "variant": model.switches.label(),
         "frozen": frozen, "trainable": trainable,
         "frozen_total": sum(frozen.values()), "trainable_total": sum(trainable.values()),
         "paper_trainable_m": PAPER_TRAINABLE_M,
@@ -242,7 +244,7 @@ def format_counts(c: dict[str, Any], manifest: str = "") -> str:
         labels["processor"] = "Processor (RGB heads on the ControlNet's embedding)"
     width = 60
     lines = [f"SSP-IR parameters{' for ' + manifest if manifest else ''}, attention_layout {c['attention_layout']!r} "
-             f"(meta device; {c['source']})", ""]
+             f"(meta device; {c['source']})", f"ablation switches: {c['variant']}", ""]
     lines.append("frozen")
     lines += [f"  {labels[k]:<{width}}{_m(v)}" for k, v in c["frozen"].items()]
     lines.append(f"  {'total frozen':<{width}}{_m(c['frozen_total'])}")

@@ -5,6 +5,10 @@ Layer; the authors' release builds the same stack as `TPBNet`). The frozen CLIP 
 a degraded image; this trainable map is where the model learns to pull the semantic part
 out of those tokens. Input (B, 256, in_dim = 1024 for ViT-L/14), output (B, 256, out_dim),
 by default the UNet's cross_attention_dim.
+
+`kind="linear"` is Table III's ablation: the stack replaced by one linear layer in → out
+(`train.refine: "linear"`; hidden_dim and negative_slope are then unused). The kind is in
+config.json, so `from_pretrained` rebuilds the same one.
 """
 
 from __future__ import annotations
@@ -16,17 +20,23 @@ from torch import nn
 
 
 class RefineLayer(ModelMixin, ConfigMixin):
-    """Linear(in→hidden) LN LeakyReLU → Linear(hidden→hidden) LN LeakyReLU → Linear(hidden→out)."""
+    """mlp: Linear(in→hidden) LN LeakyReLU → Linear(hidden→hidden) LN LeakyReLU → Linear(hidden→out);
+    linear: Linear(in→out)."""
 
     @register_to_config
     def __init__(self, in_dim: int = 1024, hidden_dim: int = 1024, out_dim: int = 768,
-                 negative_slope: float = 0.01) -> None:
+                 negative_slope: float = 0.01, kind: str = "mlp") -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.LeakyReLU(negative_slope),
-            nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.LeakyReLU(negative_slope),
-            nn.Linear(hidden_dim, out_dim),
-        )
+        if kind == "mlp":
+            self.net = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.LeakyReLU(negative_slope),
+                nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.LeakyReLU(negative_slope),
+                nn.Linear(hidden_dim, out_dim),
+            )
+        elif kind == "linear":
+            self.net = nn.Sequential(nn.Linear(in_dim, out_dim))
+        else:
+            raise ValueError(f"RefineLayer kind must be mlp or linear, got {kind!r}")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[-1] != self.config.in_dim:

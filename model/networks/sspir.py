@@ -9,7 +9,10 @@
 
 What the Processor and the prior attention are depends on the attention layout
 (model/networks/layouts.py: "paper", the release's transformer blocks, or "adapter", this
-project's lighter projections); everything here is common to both.
+project's lighter projections); everything here is common to both. The ablation switches
+(model/networks/switches.py) say which priors exist: with `image_prior` "none" the CLIP
+tokens are replaced by zeros (the null image embedding), without image attention there are
+no image tokens at all (no Refine Layer, the CLIP tower not run).
 
 The text embeddings (explicit semantic prior) are precomputed by jobs/embed.py; the text
 encoder is not part of this module.
@@ -32,9 +35,10 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 from torch import nn
 
 from model.networks.image_encoder import ImageEncoder, load_image_encoder
-from model.networks.layouts import (DEFAULT_LAYOUT, AttentionLayout, LayoutMismatchError, folder_layout, get_layout,
-                                    read_parts, save_parts)
+from model.networks.layouts import (DEFAULT_LAYOUT, AttentionLayout, LayoutMismatchError, folder_layout,
+                                    folder_switches, get_layout, read_parts, save_parts)
 from model.networks.prior_inputs import PriorInputs
+from model.networks.switches import PriorSwitches
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SD_LAYOUT = ("an SD1.5-layout folder with unet/ (config.json + diffusion_pytorch_model.safetensors), "
               "vae/ (config.json + diffusion_pytorch_model.safetensors) and scheduler/ (scheduler_config.json), "
@@ -95,27 +99,32 @@ class SSPIR(nn.Module):
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, image_encoder: ImageEncoder,
                  noise_scheduler: DDPMScheduler | None = None, attention_layout: str = DEFAULT_LAYOUT,
                  processor_kwargs: dict[str, Any] | None = None, refine_kwargs: dict[str, Any] | None = None,
-                 controlnet: ControlNetModel | None = None, trainable_parts: dict[str, nn.Module] | None = None) -> None:
+                 controlnet: ControlNetModel | None = None, trainable_parts: dict[str, nn.Module] | None = None,
+                 switches: PriorSwitches | None = None) -> None:
         super().__init__()
         self.vae = vae.requires_grad_(False).eval()
         self.unet = unet.requires_grad_(False).eval()
         self.image_encoder = image_encoder.requires_grad_(False).eval()
         self.noise_scheduler = noise_scheduler
         self.layout: AttentionLayout = get_layout(attention_layout)
+        self.switches = (switches or PriorSwitches()).check(self.layout.name)
         self.trainable = nn.ModuleDict()
         if trainable_parts is None:
-            trainable_parts = self.layout.fresh(unet, image_encoder.width, processor_kwargs, refine_kwargs, controlnet)
+            trainable_parts = self.layout.fresh(unet, image_encoder.width, processor_kwargs, refine_kwargs, controlnet,
+                                                self.switches)
         self._set_trainable(trainable_parts)
 
     # ------------------------------------------------------------ building ---
     @classmethod
     def from_pretrained(cls, sd_path: str, image_encoder: str, trainable: str | Path | None = None,
                         attention_layout: str | None = None, processor_kwargs: dict[str, Any] | None = None,
-                        refine_kwargs: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> "SSPIR":
+                        refine_kwargs: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
+                        switches: PriorSwitches | None = None) -> "SSPIR":
         """Frozen parts from `sd_path` (SD1.5 folder or hub id: unet/, vae/, scheduler/) and
         `image_encoder` (timm name or timm folder); trainable parts fresh (`attention_layout`,
-        default "paper"), or from `trainable` (a folder written by `save_trainable`, whose
-        layout must equal `attention_layout` when that is given). Frozen parts in `dtype`,
+        default "paper"; ablation `switches`, default the full model), or from `trainable` (a
+        folder written by `save_trainable`, whose layout and switches must equal
+        `attention_layout` / `switches` when those are given). Frozen parts in `dtype`,
         trainable in fp32."""
         if trainable is not None and (processor_kwargs or refine_kwargs):
             raise ValueError("processor_kwargs/refine_kwargs configure new parts; with `trainable` the "
@@ -126,6 +135,10 @@ class SSPIR(nn.Module):
             if attention_layout is not None and stored != attention_layout:
                 raise LayoutMismatchError(_mismatch(trainable, stored, attention_layout))
             attention_layout = stored
+            stored_switches = folder_switches(trainable)
+            if switches is not None and switches != stored_switches:
+                raise LayoutMismatchError(_switch_mismatch(trainable, stored_switches, switches))
+            switches = stored_switches
         layout = get_layout(attention_layout or DEFAULT_LAYOUT)
         source, local = resolve_sd(sd_path)
         kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
@@ -144,12 +157,14 @@ class SSPIR(nn.Module):
         if dtype != torch.float32:  # nn.Module.to: ModelMixin.to warns about fp32-kept modules SD1.5 has none of
             nn.Module.to(unet, dtype=dtype)
         return cls(vae, unet, encoder, scheduler, layout.name, processor_kwargs, refine_kwargs,
-                   controlnet=controlnet, trainable_parts=parts)
+                   controlnet=controlnet, trainable_parts=parts, switches=switches)
 
     def _set_trainable(self, parts: dict[str, nn.Module]) -> None:
-        self.layout.check(parts, self.unet, self.image_encoder.width)
+        self.layout.check(parts, self.unet, self.image_encoder.width, self.switches)
         device = self.unet.conv_in.weight.device
-        for name in self.layout.parts:
+        for name in list(self.trainable):
+            del self.trainable[name]
+        for name in self.layout.part_names(self.switches):
             module = parts[name]
             params = list(module.parameters())
             if device.type != "meta" and any(p.device != device or p.dtype != torch.float32 for p in params):
@@ -171,8 +186,9 @@ class SSPIR(nn.Module):
         return self.trainable["controlnet"]
 
     @property
-    def refine(self) -> nn.Module:
-        return self.trainable["refine"]
+    def refine(self) -> nn.Module | None:
+        """The Refine Layer; None without image attention (`image_attention: false`)."""
+        return self.trainable["refine"] if "refine" in self.trainable else None
 
     @property
     def prior(self) -> nn.Module:
@@ -233,8 +249,23 @@ class SSPIR(nn.Module):
         recomputing the Processor at full resolution and the CLIP tower at every step and CFG
         branch."""
         features, rgbs = self.layout.conditioning(self.trainable_modules(), lq_up.to(torch.float32))
-        image_tokens = self.refine(self.image_encoder.encode(lq).to(torch.float32))
-        return {"features": features, "rgbs": rgbs, "image_tokens": image_tokens}
+        return {"features": features, "rgbs": rgbs, "image_tokens": self.image_tokens(lq)}
+
+    def image_tokens(self, lq: torch.Tensor) -> torch.Tensor | None:
+        """The refined image tokens the image attention reads: Refine(CLIP(lq)), Refine(0) with
+        `image_prior` "none" (the null image embedding), None without image attention."""
+        if not self.switches.has_refine:
+            return None
+        if self.switches.runs_image_encoder:
+            embedding = self.image_encoder.encode(lq).to(torch.float32)
+        else:
+            embedding = self.null_image_embedding(lq.shape[0], lq.device)
+        return self.refine(embedding)
+
+    def null_image_embedding(self, batch: int, device: torch.device | str) -> torch.Tensor:
+        """Zeros in the shape of the CLIP patch tokens (B, patches, width), fp32: the image
+        embedding of `image_prior` "none" (docs/model.md, "Ablation switches")."""
+        return torch.zeros(batch, self.image_encoder.num_patches, self.image_encoder.width, device=device)
 
     def priors(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_hidden: torch.Tensor,
                lq: torch.Tensor, lq_up: torch.Tensor, static: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -283,7 +314,7 @@ class SSPIR(nn.Module):
         """Write the trainable parts and layout.json (safetensors + JSON only). Write into a
         fresh folder and rename it into place if the write must be atomic (the trainer's
         checkpoints do)."""
-        return save_parts(self.layout, self.trainable_modules(), directory)
+        return save_parts(self.layout, self.trainable_modules(), directory, self.switches)
 
     @staticmethod
     def read_trainable(directory: str | Path) -> dict[str, nn.Module]:
@@ -303,14 +334,18 @@ class SSPIR(nn.Module):
         stored = folder_layout(directory)
         if stored != self.layout.name:
             raise LayoutMismatchError(_mismatch(directory, stored, self.layout.name))
+        stored_switches = folder_switches(directory)
+        if stored_switches != self.switches:
+            raise LayoutMismatchError(_switch_mismatch(directory, stored_switches, self.switches))
         parts = read_parts(directory)[1]
-        same = all(_same_layout(self.trainable[name], parts[name]) for name in self.layout.parts)
+        names = self.layout.part_names(self.switches)
+        same = all(_same_layout(self.trainable[name], parts[name]) for name in names)
         if not same:
             self._set_trainable(parts)
             return
-        self.layout.check(parts, self.unet, self.image_encoder.width)
+        self.layout.check(parts, self.unet, self.image_encoder.width, self.switches)
         with torch.no_grad():
-            for name in self.layout.parts:
+            for name in names:
                 self.trainable[name].load_state_dict(parts[name].state_dict(), strict=True)
 
     def iter_frozen_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -323,3 +358,9 @@ def _mismatch(directory: str | Path, stored: str, wanted: str) -> str:
     return (f"{directory} holds trainable parts of attention_layout {stored!r}, but this model uses {wanted!r}; "
             f"the two layouts have different parts and cannot load each other's weights: set "
             f"train.attention_layout to {stored!r} to continue that run, or start a fresh --train-dir")
+
+
+def _switch_mismatch(directory: str | Path, stored: PriorSwitches, wanted: PriorSwitches) -> str:
+    diff = "; ".join(f"train.{k}: folder {a}, model {b}" for k, a, b in stored.differences(wanted))
+    return (f"{directory} was trained with other ablation switches ({diff}): its "
+            "parts are another variant's; put the switches back to continue that run, or start a fresh --train-dir")

@@ -2,15 +2,22 @@
 
 Defaults are the paper's: the release's attention layout ("paper"), Adam, lr 5e-5, global
 batch 32, 100K steps, λ_rgb 0.1, λ_fft 0.01, null-text ratio 0.5 (the authors' release).
-`processor` / `refine` are constructor arguments of the layout's Processor and Refine Layer
-(docs/model.md): for "paper" `processor` is `{"channels": [16, 32, 96, 256]}` (the ControlNet's
-conditioning embedding), for "adapter" the Processor's stem/stage widths.
+`processor` holds constructor arguments of the layout's Processor (docs/model.md): for
+"paper" `{"channels": [16, 32, 96, 256]}` (the ControlNet's conditioning embedding), for
+"adapter" the Processor's stem/stage widths.
+
+The ablation switches of Tables III–V (`text_prior`, `image_prior`, `refine`,
+`image_attention`, `structure_attention`; model/networks/switches.py) and the two λ's say
+which variant is trained; `run_dir` (relative to the build's output root) lets several
+variants share one build.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+from model.networks.switches import PriorSwitches
 from pipeline.core.settings import Settings
 
 
@@ -41,7 +48,13 @@ class TrainConfig(Settings):
     num_workers: int = 8
     check_hashes: bool = True
     processor: dict = dataclasses.field(default_factory=dict)
-    refine: dict = dataclasses.field(default_factory=dict)
+    # Ablation switches (model/networks/switches.py); defaults: the full model.
+    text_prior: str = "caption"  # "none": the empty prompt for every sample
+    image_prior: str = "refined"  # "none": the null image embedding (zeros for the CLIP tokens)
+    refine: str = "mlp"  # "linear": the Refine Layer as one linear layer
+    image_attention: bool = True  # false: no image-attention transformers (nor Refine Layer)
+    structure_attention: bool = True  # false: no structure-attention transformers
+    run_dir: str = "train"  # the run folder, relative to the build's output root (--train-dir wins)
 
     def problems(self) -> list[str]:
         out = []
@@ -58,9 +71,27 @@ class TrainConfig(Settings):
             out.append("mixed_precision must be auto, no, bf16 or fp16")
         if not 0.0 <= self.null_text_ratio <= 1.0:
             out.append("null_text_ratio must lie in [0, 1]")
+        if self.lambda_rgb < 0 or self.lambda_fft < 0:
+            out.append("lambda_rgb and lambda_fft must be >= 0 (0 switches the loss off)")
+        out += self.switches(checked=False).problems(self.attention_layout)
+        run = Path(self.run_dir)
+        if not self.run_dir or run.is_absolute() or ".." in run.parts or run == Path("."):
+            out.append(f"run_dir must be a folder name relative to the build's output root, got {self.run_dir!r} "
+                       "(use --train-dir for a folder elsewhere)")
         if self.learning_rate <= 0 or self.num_workers < 0 or self.validation_pairs < 0:
             out.append("learning_rate must be > 0, num_workers and validation_pairs >= 0")
         return out
+
+    def switches(self, checked: bool = True) -> PriorSwitches:
+        """The ablation switches this run trains with (the model records them)."""
+        sw = PriorSwitches(text_prior=self.text_prior, image_prior=self.image_prior, refine=self.refine,
+                           image_attention=self.image_attention, structure_attention=self.structure_attention)
+        return sw.check(self.attention_layout) if checked else sw
+
+    @property
+    def text_dropout(self) -> float:
+        """The null-text ratio the loader applies: 1 (every sample) with text_prior none."""
+        return 1.0 if self.text_prior == "none" else self.null_text_ratio
 
     def accumulation(self, processes: int) -> int:
         """Gradient accumulation steps that make the global batch on `processes` processes."""

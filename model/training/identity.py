@@ -3,6 +3,11 @@
 A checkpoint records three things besides its weights, and a resumed run must match all of
 them (model/training/trainer.py refuses with exit status 2 and this module's list otherwise):
 
+* the ablation switches (model/networks/switches.py: text_prior, image_prior, refine,
+  image_attention, structure_attention), each named when it differs: another value is
+  another row of the paper's tables, not a continuation (a checkpoint written before the
+  switches were recorded is the full model);
+
 * the trainable layout: the attention layout and, per trainable part, its configuration and
   the names and shapes of its tensors. A resume after changing `train.processor` widths
   would otherwise load nothing into the new Processor and keep stepping Adam state that
@@ -24,6 +29,8 @@ from typing import Any
 
 from torch import nn
 
+from model.networks.switches import PriorSwitches
+
 
 def _public_config(module: nn.Module) -> dict[str, Any]:
     cfg = getattr(module, "config", None) or {}
@@ -40,7 +47,7 @@ def _tensor_hash(module: nn.Module) -> str:
 
 def trainable_layout(model: Any) -> dict[str, Any]:
     """The attention layout and each trainable part's configuration and tensor layout."""
-    return {"attention_layout": model.attention_layout,
+    return {"attention_layout": model.attention_layout, "switches": model.switches.to_dict(),
             "parts": {name: {"config": _public_config(module), "tensors": _tensor_hash(module),
                              "parameters": sum(p.numel() for p in module.parameters())}
                       for name, module in model.trainable_modules().items()}}
@@ -64,12 +71,14 @@ def _short(v: Any, width: int = 60) -> str:
 
 def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What differs between a checkpoint's identity and the run's, one line per difference."""
-    out: list[str] = []
     st, ct = saved.get("trainable", {}), current["trainable"]
+    # A checkpoint written before the switches were recorded is the full model's.
+    old_sw, new_sw = PriorSwitches.from_dict(st.get("switches")), PriorSwitches.from_dict(ct.get("switches"))
+    out = [f"train.{k}: checkpoint {a}, this run {b}" for k, a, b in old_sw.differences(new_sw)]
     if st.get("attention_layout") != ct["attention_layout"]:
         out.append(f"train.attention_layout: checkpoint {st.get('attention_layout')!r}, this run "
                    f"{ct['attention_layout']!r}")
-    else:
+    elif not out:  # parts that differ because a switch does would only restate it
         sp, cp = st.get("parts", {}), ct["parts"]
         for name in sorted(set(sp) | set(cp)):
             a, b = sp.get(name), cp.get(name)

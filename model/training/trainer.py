@@ -204,12 +204,12 @@ class Trainer:
             self.model = SSPIR.from_pretrained(self.cfg.pretrained, self.cfg.image_encoder,
                                                attention_layout=self.cfg.attention_layout,
                                                processor_kwargs=self.cfg.processor or None,
-                                               refine_kwargs=self.cfg.refine or None, dtype=frozen_dtype)
+                                               switches=self.cfg.switches(), dtype=frozen_dtype)
         except (FileNotFoundError, OSError) as e:
             raise TrainSetupError(f"cannot load the model: {e}") from None
         except (TypeError, ValueError) as e:  # e.g. train.processor keys the layout's Processor does not take
             raise TrainSetupError(f"cannot build the {self.cfg.attention_layout} layout's trainable parts from "
-                                  f"train.processor / train.refine: {e}") from None
+                                  f"train.processor and the ablation switches: {e}") from None
         self.model.to(dev)
         if self.cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
@@ -259,7 +259,7 @@ class Trainer:
 
         loader = make_loader(self.build, batch_size=self.cfg.micro_batch_size, seed=self.cfg.seed,
                              rank=self.rank, world_size=self.world, num_workers=self.cfg.num_workers,
-                             start_batch=self.step * self.accum, null_text_ratio=self.cfg.null_text_ratio,
+                             start_batch=self.step * self.accum, null_text_ratio=self.cfg.text_dropout,
                              shards=self.shards, image_dtype=torch.uint8)
         return iter(loader)
 
@@ -370,7 +370,8 @@ class Trainer:
         from model.training.data import ShardedPairs, collate, load_empty_prompt
         from model.training.validation import save_grid
 
-        data = ShardedPairs(self.build, self.shards, seed=self.cfg.seed, null_text_ratio=0.0)
+        data = ShardedPairs(self.build, self.shards, seed=self.cfg.seed,
+                            null_text_ratio=1.0 if self.cfg.text_prior == "none" else 0.0)
         n = min(self.cfg.validation_pairs, len(data))
         empty = load_empty_prompt(self.build)
         batch = collate([data[i] for i in range(n)], empty)
