@@ -305,11 +305,15 @@ def _variant(cfg: TrainConfig, **switch) -> TrainConfig:
     return dataclasses.replace(cfg, **switch)
 
 
-def test_a_model_without_image_attention_trains(build, tmp_path: Path) -> None:
-    """One real optimizer step; the checkpoint holds no Refine Layer and no image-attention
-    transformer, the image encoder never runs, and the remaining new blocks moved."""
+def test_a_model_without_image_attention_trains_and_restores(build, tmp_path: Path, photo_dir: Path) -> None:
+    """One real optimizer step and its validation grid; the checkpoint holds no Refine Layer
+    and no image-attention transformer, the image encoder never runs, and the remaining new
+    blocks moved. The checkpoint restores, whole and in tiles (whose prior cache holds no
+    image tokens)."""
+    from model.inference.restorer import RestoreSettings, Restorer
+
     _, out, cfg = build
-    cfg = _variant(cfg, image_attention=False)
+    cfg = _variant(cfg, image_attention=False, validation_pairs=1, validate_every=1, validation_steps=1)
     trainer = Trainer(out, tmp_path / "run", cfg, show_progress=False)
     assert trainer.model.refine is None and not any(s.kind == IMAGE for s in trainer.model.prior.sites)
     optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
@@ -327,6 +331,23 @@ def test_a_model_without_image_attention_trains(build, tmp_path: Path) -> None:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["config"]["image_attention"] is False
     assert state["identity"]["trainable"]["switches"]["image_attention"] is False
+    assert (tmp_path / "run" / "validation" / "step-00000001.png").is_file()
+    restorer = Restorer(tmp_path / "run", device="cpu")
+    assert restorer.model.refine is None
+    clip = Calls(restorer.model.image_encoder.vit.patch_embed)
+    lq = _photo(photo_dir, 32)
+    whole = restorer.restore(lq, "", RestoreSettings(steps=2, tile=0))
+    tiled = restorer.restore(lq, "", RestoreSettings(steps=2, tile=16, tile_overlap=0))
+    assert whole.image.shape == tiled.image.shape == (128, 128, 3) and tiled.tiles == 4
+    assert clip.n == 0
+
+
+def _photo(photo_dir: Path, side: int) -> np.ndarray:
+    import cv2
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(photo_dir / "astronaut.png").convert("RGB"))
+    return cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA)
 
 
 @pytest.fixture(scope="module")
@@ -377,14 +398,10 @@ def test_restoration_honours_text_prior_none(text_null_run, caption_run: Path, p
     restoration does follow the prompt."""
     import argparse
 
-    import cv2
-    from PIL import Image
-
     from model.inference.restorer import RestoreSettings, Restorer
     from model.restore import prompts_for
 
-    lq = cv2.resize(np.asarray(Image.open(photo_dir / "astronaut.png").convert("RGB")), (32, 32),
-                    interpolation=cv2.INTER_AREA)
+    lq = _photo(photo_dir, 32)
     fast = RestoreSettings(steps=2, tile=0)
     null = Restorer(text_null_run[0], device="cpu")
     assert null.switches.text_prior == "none"

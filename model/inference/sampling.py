@@ -52,8 +52,9 @@ Static = dict[str, Any]
 
 
 def doubled(static: Static) -> Static:
-    """Static priors of one branch batched for both CFG branches (the priors are on in both)."""
-    return {"features": torch.cat([static["features"]] * 2), "image_tokens": torch.cat([static["image_tokens"]] * 2)}
+    """Static priors of one branch batched for both CFG branches (the priors are on in both;
+    a model without image attention has no image tokens)."""
+    return {k: None if static[k] is None else torch.cat([static[k]] * 2) for k in ("features", "image_tokens")}
 
 
 def guided_noise(model: Any, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
@@ -96,7 +97,7 @@ class PriorCache:
             return hit
         full = self.model.static_priors(lq, lq_up)
         static = {"features": full["features"], "image_tokens": full["image_tokens"]}
-        size = sum(v.numel() * v.element_size() for v in static.values())
+        size = sum(v.numel() * v.element_size() for v in static.values() if v is not None)
         if self.used + size <= self.budget:
             self.kept[key] = static
             self.used += size
