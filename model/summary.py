@@ -2,10 +2,12 @@
 
     python -m model.summary --manifest manifests/full.json [--attention-layout paper|adapter] [--json]
 
-Reads the manifest's `train` section (`pretrained`, `image_encoder`, `attention_layout`,
-optional `processor` / `refine`) and prints the frozen and trainable parameters of each
-part, next to the authors' release layout rebuilt from the same UNet config and the paper's
-997.80 M. The counting is model/networks/counting.py; docs/model.md explains the tables.
+Reads the manifest's `train` section, with `extends` followed (`pretrained`,
+`image_encoder`, `attention_layout`, optional `processor`, and the ablation switches
+`text_prior`, `image_prior`, `refine`, `image_attention`, `structure_attention`). It
+prints the frozen and trainable parameters of each part, next to the authors' release layout
+rebuilt from the same UNet config and the paper's 997.80 M. For example:
+`python -m model.summary --manifest manifests/paper/no_image_attention.json`. The counting is model/networks/counting.py; docs/model.md explains the tables.
 Exit status: 0, or 2 when the manifest or a model folder it names is unusable.
 """
 
