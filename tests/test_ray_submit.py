@@ -45,6 +45,24 @@ def _wait_for_job_server(address: str, proc: subprocess.Popen, timeout: float = 
     raise TimeoutError(f"no Ray job server at {address} after {timeout} s")
 
 
+# The head answers /api/version before its dashboard agent has registered; a submission in
+# that window waits 10 s (ray.dashboard.consts.WAIT_AVAILABLE_AGENT_TIMEOUT) and then gets
+# HTTP 500 with this text and nothing started, so the same submission id can be sent again.
+# On a loaded CI machine the agent took longer than that (CI run of stop 15).
+NO_AGENT = "No available agent to submit job"
+
+
+def _submit(cmd: list[str], env: dict[str, str], attempts: int = 6) -> str:
+    """Run `ray job submit`, sending it again only while the head says its agent is not up."""
+    for attempt in range(attempts):
+        submit = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        log = submit.stdout + submit.stderr
+        if NO_AGENT not in log:
+            return log
+        time.sleep(5 * (attempt + 1))
+    raise AssertionError(f"the Ray head had no job agent after {attempts} submissions:\n{log[-3000:]}")
+
+
 @pytest.fixture()
 def ray_head():
     """A head of our own, stopped by signalling its process group (never `ray stop`,
@@ -82,8 +100,7 @@ def test_ray_job_submit(ray_head, tmp_path: Path, photo_dir: Path) -> None:
     sid = f"degrade-test-{uuid.uuid4().hex[:8]}"
     cmd = [RAY, "job", "submit", "--address", address, "--submission-id", sid, "--working-dir", ".",
            "--", "python", "jobs/degrade.py", "--manifest", str(manifest), "--no-progress"]
-    submit = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    log = submit.stdout + submit.stderr
+    log = _submit(cmd, env)
     status = subprocess.run([RAY, "job", "status", "--address", address, sid], env=env,
                             capture_output=True, text=True, timeout=60)
     assert "succeeded" in (status.stdout + status.stderr).lower(), log[-3000:] + status.stdout[-500:]
