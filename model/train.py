@@ -22,6 +22,7 @@ its traceback (the last checkpoint stays valid: --resume).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.manifest, out=args.out, check_sources=False)
         cfg = manifest.settings(TrainConfig, "train")
+        if not cfg.caption_variant and manifest.caption.variant:  # train on the manifest's own captions
+            cfg = dataclasses.replace(cfg, caption_variant=manifest.caption.variant)
         run_dir = Path(args.train_dir) if args.train_dir else manifest.output / cfg.run_dir
         history = run_training(manifest.output, run_dir, cfg, max_steps=args.max_steps, resume=args.resume,
                                show_progress=not args.no_progress)

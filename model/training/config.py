@@ -55,6 +55,13 @@ class TrainConfig(Settings):
     image_attention: bool = True  # false: no image-attention transformers (nor Refine Layer)
     structure_attention: bool = True  # false: no structure-attention transformers
     run_dir: str = "train"  # the run folder, relative to the build's output root (--train-dir wins)
+    # VAE latents: "cached" reads the latents stage's moments (refuses without a complete one
+    # made by train.pretrained's VAE), "encode" runs the VAE encoder every step, "auto" the
+    # first when it can and the second otherwise (the log and the checkpoint say which).
+    latents: str = "auto"
+    # Which captions' embeddings to train on: "" = text_emb/, "blip" = text_emb-blip/
+    # (model/train.py fills it from the manifest's caption.variant).
+    caption_variant: str = ""
 
     def problems(self) -> list[str]:
         out = []
@@ -67,6 +74,8 @@ class TrainConfig(Settings):
                        f"({self.micro_batch_size})")
         if self.attention_layout not in ("paper", "adapter"):
             out.append(f"attention_layout must be paper or adapter, got {self.attention_layout!r}")
+        if self.latents not in ("auto", "cached", "encode"):
+            out.append(f"latents must be auto, cached or encode, got {self.latents!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             out.append("mixed_precision must be auto, no, bf16 or fp16")
         if not 0.0 <= self.null_text_ratio <= 1.0:

@@ -67,10 +67,19 @@ class TrainStep(torch.nn.Module):
         super().__init__()
         self.model, self.scheduler, self.cfg = model, scheduler, cfg
 
-    def latents(self, hq: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The HQ's VAE latents (float32), sampled from the posterior with the step's generator.
-        The one place the trainer encodes: a build with stored VAE moments would be read here."""
-        return self.model.encode_images(hq, sample=True, generator=gen)
+    def latents(self, batch: dict[str, Any], hq: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The HQ's VAE latents (float32) × the scaling factor, sampled from the posterior with
+        the step's generator: from the latents stage's stored moments when the batch carries
+        them, else by encoding hq. Both draw ε the same way from the same generator at the
+        same point of the step, so the two paths are the same distribution and the same draws
+        (up to the float16 rounding of the stored moments)."""
+        if "moments" not in batch:
+            return self.model.encode_images(hq, sample=True, generator=gen)
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        vae = self.model.vae
+        moments = batch["moments"].to(hq.device, vae.dtype, non_blocking=True)
+        return DiagonalGaussianDistribution(moments).sample(gen).float() * vae.config.scaling_factor
 
     def forward(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
         from model.training.data import images_to_float
@@ -80,7 +89,7 @@ class TrainStep(torch.nn.Module):
         imgs = images_to_float({k: batch[k].to(dev, non_blocking=True) for k in ("hq", "lq", "lq_up")})
         hq, lq, lq_up = imgs["hq"], imgs["lq"], imgs["lq_up"]
         text = batch["text"].to(dev, non_blocking=True)
-        latents = self.latents(hq, gen)
+        latents = self.latents(batch, hq, gen)
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(latents)
         n_train = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, n_train, (latents.shape[0],), generator=gen).to(dev)
@@ -184,10 +193,17 @@ class Trainer:
     def _verify_build(self) -> None:
         from model.training.verify import build_fingerprint, verify_build
 
+        from model.training.verify import train_stages
+
         main = self.accelerator.is_main_process
-        self.shards = verify_build(self.build, check_hash=self.cfg.check_hashes and main,
+        stages = train_stages(self.cfg.caption_variant)
+        self.text_folder = stages[-1]
+        self.shards = verify_build(self.build, stages, check_hash=self.cfg.check_hashes and main,
                                    show_progress=self.show_progress and main)
-        self.fingerprint = build_fingerprint(self.build, self.shards)
+        self.latents_source, why = resolve_latents(self.build, self.cfg, self.shards, check_hash=main)
+        print(f"latents: {self.latents_source} ({why})", file=self.log)
+        used = ("pairs", self.text_folder, *(("latents",) if self.latents_source == "cached" else ()))
+        self.fingerprint = {**build_fingerprint(self.build, self.shards, used), "latents": self.latents_source}
 
     def _load_model(self) -> None:
         from diffusers import DDPMScheduler
@@ -205,6 +221,14 @@ class Trainer:
                                                attention_layout=self.cfg.attention_layout,
                                                processor_kwargs=self.cfg.processor or None,
                                                switches=self.cfg.switches(), dtype=frozen_dtype)
+            # With cached latents the training step never encodes: the VAE encoder stays in host
+            # memory, off the training device; only validation (its LRE start encodes the LQ)
+            # borrows it for the length of one validation grid.
+            self._host_encoder: tuple[Any, Any] | None = None
+            if getattr(self, "latents_source", "encode") == "cached":
+                self._host_encoder = (self.model.vae.encoder, self.model.vae.quant_conv)
+                self.model.vae.encoder = None
+                self.model.vae.quant_conv = None
         except (FileNotFoundError, OSError) as e:
             raise TrainSetupError(f"cannot load the model: {e}") from None
         except (TypeError, ValueError) as e:  # e.g. train.processor keys the layout's Processor does not take
@@ -260,7 +284,8 @@ class Trainer:
         loader = make_loader(self.build, batch_size=self.cfg.micro_batch_size, seed=self.cfg.seed,
                              rank=self.rank, world_size=self.world, num_workers=self.cfg.num_workers,
                              start_batch=self.step * self.accum, null_text_ratio=self.cfg.text_dropout,
-                             shards=self.shards, image_dtype=torch.uint8)
+                             shards=self.shards, image_dtype=torch.uint8, text_folder=self.text_folder,
+                             latents=self.latents_source == "cached")
         return iter(loader)
 
     # ------------------------------------------------------------------- loop
@@ -371,22 +396,71 @@ class Trainer:
         from model.training.validation import save_grid
 
         data = ShardedPairs(self.build, self.shards, seed=self.cfg.seed,
-                            null_text_ratio=1.0 if self.cfg.text_prior == "none" else 0.0)
+                            null_text_ratio=1.0 if self.cfg.text_prior == "none" else 0.0,
+                            text_folder=self.text_folder)
         n = min(self.cfg.validation_pairs, len(data))
-        empty = load_empty_prompt(self.build)
+        empty = load_empty_prompt(self.build, self.text_folder)
         batch = collate([data[i] for i in range(n)], empty)
         dev = self.accelerator.device
         settings = RestoreSettings(steps=self.cfg.validation_steps, seed=self.cfg.seed, tile=0)
         self.model.eval()
+        vae = self.model.vae
+        if self._host_encoder is not None:
+            vae.encoder, vae.quant_conv = (m.to(dev) for m in self._host_encoder)
         try:
             with torch.no_grad(), self.accelerator.autocast():
                 out = sample_batch(self.model, batch["lq"].to(dev), batch["lq_up"].to(dev),
                                    batch["text"].to(dev).float(), empty.to(dev).float(), settings)
         finally:
             self.model.train()
+            if self._host_encoder is not None:
+                self._host_encoder = tuple(m.to("cpu") for m in self._host_encoder)  # type: ignore[assignment]
+                vae.encoder = vae.quant_conv = None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
         self.paths.validation.mkdir(parents=True, exist_ok=True)
         save_grid(self.paths.validation / f"step-{self.step:08d}.png", batch["lq_up"], out.float().cpu(),
                   batch["hq"])
+
+
+def resolve_latents(build: Path, cfg: TrainConfig, shards: list[int], check_hash: bool = True) -> tuple[str, str]:
+    """("cached" | "encode", why): whether this run reads the latents stage's moments.
+
+    Cached needs a latents shard for every training shard, complete, with pairs' keys in
+    pairs' order, made from the current pairs bytes, and by the very VAE the trainer loads
+    (the sha256 of its config and weights, pipeline.core.model_files). `auto` falls back to
+    encoding, saying why; `cached` refuses to start instead.
+    """
+    from model.training.verify import BuildError, verify_build
+    from pipeline.core.model_files import ComponentNotFoundError, component_identity, identity_tag, resolve_component
+    from pipeline.core.shards import read_sidecar, shard_path
+
+    if cfg.latents == "encode":
+        return "encode", "train.latents is encode: the VAE encoder runs every step"
+    fix = "run `python jobs/latents.py --manifest M --all` (or set train.latents to encode)"
+    try:
+        verify_build(build, ("pairs", "latents"), check_hash=check_hash, show_progress=False)
+        folder = resolve_component(cfg.pretrained, "vae", "train.pretrained")
+        if folder is None:
+            raise ComponentNotFoundError(f"{cfg.pretrained} is not in the local hub cache yet")
+        mine = component_identity(folder)
+        for s in shards:
+            vae = (read_sidecar(shard_path(build, "latents", s)) or {}).get("vae", {})
+            theirs = {k: vae.get(k) for k in mine}
+            if theirs != mine:
+                raise TrainSetupError(
+                    f"latents shard {s} was made by another VAE ({vae.get('ref')!r}, {identity_tag(theirs)}) than "
+                    f"train.pretrained's ({cfg.pretrained!r}, {identity_tag(mine)}); rebuild it with "
+                    "`python jobs/latents.py --manifest M --all --force` or set train.latents to encode")
+    except (BuildError, ComponentNotFoundError, TrainSetupError) as e:
+        if cfg.latents == "cached":
+            if isinstance(e, TrainSetupError):
+                raise
+            raise TrainSetupError(f"train.latents is cached but the latents stage cannot be used: {e}; {fix}") \
+                from None
+        reason = str(e).splitlines()[0] if str(e) else "not built for every training shard"
+        return "encode", f"no usable latents stage ({reason}); the VAE encoder runs every step"
+    return "cached", f"VAE moments from {build / 'latents'}, made by {cfg.pretrained}; the VAE encoder is not loaded"
 
 
 def run_training(build: Path, run_dir: Path, cfg: TrainConfig, max_steps: int | None = None,
