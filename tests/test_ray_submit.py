@@ -48,11 +48,10 @@ def _wait_for_job_server(address: str, proc: subprocess.Popen, timeout: float = 
 # The head answers /api/version before its dashboard agent has registered; a submission in
 # that window waits 10 s (ray.dashboard.consts.WAIT_AVAILABLE_AGENT_TIMEOUT) and then gets
 # HTTP 500 with this text and nothing started, so the same submission id can be sent again.
-# On a loaded CI machine the agent took longer than that (CI run of stop 15).
 NO_AGENT = "No available agent to submit job"
 
 
-def _submit(cmd: list[str], env: dict[str, str], attempts: int = 6) -> str:
+def _submit(cmd: list[str], env: dict[str, str], attempts: int = 4) -> str:
     """Run `ray job submit`, sending it again only while the head says its agent is not up."""
     for attempt in range(attempts):
         submit = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -73,12 +72,19 @@ def ray_head():
     env["RAY_AUTH_MODE"] = "disabled"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
+    # Every port of our own: the suite's in-process Ray (pipeline.core.distribute.init_ray in
+    # earlier tests) lives until pytest exits, and its dashboard agent holds the fixed default
+    # 52365, so a second head's agent would fail to bind and never register (the CI failure
+    # of stops 15 and 16: "No available agent to submit job").
+    ports = {flag: _free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                              "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                              "metrics-export-port", "ray-client-server-port")}
     temp = f"/tmp/ray-t{uuid.uuid4().hex[:6]}"
-    proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
-                             f"--temp-dir={temp}"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+                             "--disable-usage-stats", f"--temp-dir={temp}",
+                             *(f"--{flag}={port}" for flag, port in ports.items())],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dash = ports["dashboard-port"]
     address = f"http://127.0.0.1:{dash}"
     try:
         _wait_for_job_server(address, proc)
