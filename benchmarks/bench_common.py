@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import threading
 import time
 from collections import defaultdict
@@ -40,6 +41,18 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("encode", "two lossless PNGs (HQ + LQ)"),
 )
 STAGE_NAMES = tuple(name for name, _ in STAGES)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name: the figures in docs/ name the machine that gave them, and
+    these shared VMs are Intel one session and AMD the next."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 class StageTimer:

@@ -44,7 +44,7 @@ sys.path.insert(1, str(ROOT))  # the project, run from a checkout (benchmarks/ i
 
 from PIL import Image  # noqa: E402
 
-from bench_common import busy_cores, fmt_num, proc_status_kb, render_table  # noqa: E402
+from bench_common import busy_cores, cpu_model, fmt_num, proc_status_kb, render_table  # noqa: E402
 from pipeline.caption.config import CaptionConfig  # noqa: E402
 from pipeline.caption.engines import ServerEngine, TransformersEngine  # noqa: E402
 
@@ -125,16 +125,6 @@ class PeakRss:
     @property
     def growth_mb(self) -> float:
         return (self.peak_kb - self.before_kb) / 1024
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def proc_status_kb_self(field: str) -> int:
@@ -241,7 +231,7 @@ def main() -> None:
     r["target_ratio"] = TARGET_RATIO
     r["meets_target"] = r["ratio"] >= TARGET_RATIO
     r["machine"] = {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
-                    "cpu_model": _cpu_model(),
+                    "cpu_model": cpu_model(),
                     "busy_cores_before": busy, "note": "server and client on the same machine"}
     n = r["images"]
     rows = [

@@ -46,8 +46,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_common import (  # noqa: E402
-    STAGES, ForeignCpuMonitor, StageTimer, bicubic_roundtrip, busy_cores, cmdline, descendants, fmt_num,
-    lq_psnr, mean_difference, proc_status_kb, psnr, render_table, summarize, wait_until_quiet,
+    STAGES, ForeignCpuMonitor, StageTimer, bicubic_roundtrip, busy_cores, cmdline, cpu_model, descendants,
+    fmt_num, lq_psnr, mean_difference, proc_status_kb, psnr, render_table, summarize, wait_until_quiet,
 )
 
 PHOTOS = ROOT / ".cache" / "bench" / "photos"  # all 15 bundled photographs (the demo holds 2 out)
@@ -433,8 +433,7 @@ def machine_info() -> dict[str, Any]:
         except Exception:  # noqa: BLE001 (a missing optional package is just reported)
             return "-"
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "opencv": cv2.__version__, "torch": version("torch"),
             "ray": version("ray"), "loadavg_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_common import cpu_model  # noqa: E402
 
 from pipeline.core.manifest import load_manifest  # noqa: E402
 from pipeline.core.shards import read_sidecar, shard_files  # noqa: E402
@@ -45,14 +46,6 @@ SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_p
             "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32, "sample_size": 512,
             "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
             "scaling_factor": 0.18215}
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def pairs_build(work: Path, rows: int) -> Path:

@@ -51,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_common import cpu_model  # noqa: E402
+
 LAYOUTS = ("paper", "adapter")
 ADAM_PROBE = 64 * 2**20
 
@@ -212,23 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     result = {"flops_and_memory": rows, "cpu": cpu, "paper_over_adapter": ratio,
-              "cpu_model": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+              "cpu_model": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
               "python": platform.python_version()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(_table(rows, cpu, ratio, args))
     print(f"-> {args.out}")
     return 0 if all(c.get("status") == "ok" for c in cpu.values()) else 1
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _table(rows: dict[str, Any], cpu: dict[str, Any], ratio: dict[str, float], args: argparse.Namespace) -> str:
@@ -243,7 +235,7 @@ def _table(rows: dict[str, Any], cpu: dict[str, Any], ratio: dict[str, float], a
     for phase in ("vae_encode", "static_priors", "controlnet", "unet", "backward"):
         row(f"TFLOPs per sample at {args.resolution}²: {phase}", p["flops"][phase] / tf, a["flops"][phase] / tf)
     row(f"TFLOPs per training sample at {args.resolution}² (total)", p["total_flops"] / tf, a["total_flops"] / tf)
-    row(f"... with cached latents (jobs/latents.py)", p["total_flops_cached_latents"] / tf,
+    row("... with cached latents (jobs/latents.py)", p["total_flops_cached_latents"] / tf,
         a["total_flops_cached_latents"] / tf)
     row("cached ÷ encoding every step", p["cached_over_encode"], a["cached_over_encode"])
     row("trainable weights + grads + Adam, fp32 (GiB)", p["memory"]["trainable_total_gib"],

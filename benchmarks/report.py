@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import descendants, fmt_num, proc_status_kb, render_table  # noqa: E402
+from bench_common import cpu_model, descendants, fmt_num, proc_status_kb, render_table  # noqa: E402
 
 STAGES = ("pairs", "captions", "text_emb")
 ROWS_PER_SHARD = 500
@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?")
+    cpu = cpu_model()
     head = ("build", "rows", "shards", "workers", "wall s", "rows/s", "main peak MB", "worker peak MB", "tree peak MB")
     rows = [(r["build"], f"{r['rows']:,}", str(r["shards"]), str(r["workers"]), fmt_num(r["wall_s"]),
              fmt_num(r["rows_per_s"]), fmt_num(r["main_peak_mb"]), fmt_num(r["worker_peak_mb"]),

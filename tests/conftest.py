@@ -73,6 +73,37 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"llava": build_tiny_llava(d / "llava"), "sd15": build_tiny_sd(d / "sd15")}
 
 
+def tiny_train(sd: Path, **overrides: Any) -> dict[str, Any]:
+    """A `train` section for the tiny SD1.5: one real step is seconds on the CPU."""
+    return {"pretrained": str(sd), "image_encoder": str(sd / "image_encoder"), "batch_size": 2,
+            "micro_batch_size": 2, "learning_rate": 1e-3, "num_workers": 0, "validate_every": 100,
+            "gradient_checkpointing": False, **overrides}
+
+
+def build_dataset(d: Path, photos: Path, tiny_models: dict[str, Path], train: dict[str, Any],
+                  shards: int, latents: bool = False, caption_tokens: int = 8, **degrade: Any):
+    """A training build made by the real stages, in-process: degrade `photos` (128², the
+    `degrade` overrides), caption every shard with the tiny LLaVA, embed, and optionally encode
+    latents. Returns the loaded manifest; its `train` section is `train`."""
+    from pipeline.caption.stage import run_captions
+    from pipeline.core.manifest import load_manifest
+    from pipeline.degrade.stage import run_degrade
+    from pipeline.embed.stage import run_embed
+    from pipeline.latents.stage import run_latents
+
+    m = write_manifest(d / "m.json", [{"name": "sk", "root": str(photos)}], d / "out", sections={
+        "caption": {"engine": "transformers", "model": str(tiny_models["llava"]), "max_tokens": caption_tokens},
+        "text_embed": {"model": str(tiny_models["sd15"])}, "train": train}, **degrade)
+    manifest = load_manifest(m)
+    assert run_degrade(manifest, distributor="serial", show_progress=False).exit_code == 0
+    for s in range(shards):
+        run_captions(manifest.output, manifest.caption, s, {}, show_progress=False)
+    run_embed(manifest.output, manifest.text_embed, show_progress=False)
+    if latents:
+        assert run_latents(manifest, show_progress=False).exit_code == 0
+    return manifest
+
+
 def ok_script(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     r = run_script(script, *args, timeout=timeout)
     assert r.returncode == 0, f"{script} {' '.join(args)}: {r.stdout}{r.stderr}"
@@ -113,3 +144,17 @@ def demo_chain(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path, tiny_m
     ok_script("jobs/demo_heldout.py", "--build", str(d / "build"), "--heldout", str(d / "held"), "--steps", "2",
               "--caption-model", str(tiny_models["llava"]), "--caption-max-tokens", "6")
     return {"dir": d, "manifest": m, "build": d / "build", "held": d / "held"}
+
+
+# `make test` runs the suite on 2 pytest-xdist workers (`--dist loadgroup`): most of its
+# time is single-threaded (imports, subprocess start-up, Ray and servers coming up), so a
+# second worker uses the core that a serial run leaves idle. A test file is one group, so
+# its module-scoped builds are made once; the files that share the session's `demo_chain`
+# are one group, so the chain is built once.
+DEMO_CHAIN_FILES = {"test_demo_report.py", "test_report.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("demo_chain" if name in DEMO_CHAIN_FILES else name))

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, write_manifest
+from conftest import ROOT, build_dataset, tiny_train
 from model.networks.blocks import IMAGE, STRUCTURE, PriorTransformer2DModel
 from model.networks.layouts import LayoutMismatchError
 from model.networks.sspir import SSPIR
@@ -278,24 +278,11 @@ def test_save_load_keeps_the_variant_and_refuses_another(tiny_sd: Path, tmp_path
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path, tiny_models: dict[str, Path]):
     """8 pairs at 128² in 2 shards, captioned by the tiny LLaVA and embedded: the real stages."""
-    from pipeline.caption.stage import run_captions
-    from pipeline.degrade.stage import run_degrade
-    from pipeline.embed.stage import run_embed
-
     d = tmp_path_factory.mktemp("ablations")
-    sd = tiny_models["sd15"]
-    train = {"pretrained": str(sd), "image_encoder": str(sd / "image_encoder"), "batch_size": 2,
-             "micro_batch_size": 2, "learning_rate": 1e-3, "max_steps": 1, "num_workers": 0,
-             "checkpoint_every": 1, "validate_every": 100, "validation_pairs": 0,
-             "gradient_checkpointing": False, "processor": TINY_PROCESSOR["paper"]}
-    m = write_manifest(d / "m.json", [{"name": "sk", "root": str(photo_dir)}], d / "out", sections={
-        "caption": {"engine": "transformers", "model": str(tiny_models["llava"]), "max_tokens": 8},
-        "text_embed": {"model": str(sd)}, "train": train}, crops_per_image=2, rows_per_shard=4)
-    manifest = load_manifest(m)
-    assert run_degrade(manifest, distributor="serial", show_progress=False).exit_code == 0
-    for s in range(2):
-        run_captions(manifest.output, manifest.caption, s, {}, show_progress=False)
-    run_embed(manifest.output, manifest.text_embed, show_progress=False)
+    train = tiny_train(tiny_models["sd15"], max_steps=1, checkpoint_every=1, validation_pairs=0,
+                       processor=TINY_PROCESSOR["paper"])
+    manifest = build_dataset(d, photo_dir, tiny_models, train, shards=2, crops_per_image=2, rows_per_shard=4)
+    m = d / "m.json"
     return m, manifest.output, manifest.settings(TrainConfig, "train")
 
 

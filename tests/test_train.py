@@ -24,14 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, write_manifest
+from conftest import ROOT, build_dataset, tiny_train
 from model.training.config import TrainConfig
 from model.training.losses import sspir_loss
 from model.training.trainer import TrainSetupError, Trainer, run_training
-from pipeline.caption.stage import run_captions
-from pipeline.core.manifest import load_manifest
-from pipeline.degrade.stage import run_degrade
-from pipeline.embed.stage import run_embed
 
 TINY_PROCESSOR = {"channels": [8, 8, 16, 16]}
 
@@ -39,19 +35,11 @@ TINY_PROCESSOR = {"channels": [8, 8, 16, 16]}
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path, tiny_models: dict[str, Path]):
     d = tmp_path_factory.mktemp("trainbuild")
-    sd = tiny_models["sd15"]
-    train = {"pretrained": str(sd), "image_encoder": str(sd / "image_encoder"), "batch_size": 2,
-             "micro_batch_size": 1, "learning_rate": 1e-3, "max_steps": 6, "num_workers": 2,
-             "checkpoint_every": 2, "keep_checkpoints": 2, "validate_every": 6, "validation_pairs": 1,
-             "validation_steps": 3, "gradient_checkpointing": False, "processor": TINY_PROCESSOR}
-    m = write_manifest(d / "m.json", [{"name": "sk", "root": str(photo_dir)}], d / "out", sections={
-        "caption": {"engine": "transformers", "model": str(tiny_models["llava"]), "max_tokens": 8},
-        "text_embed": {"model": str(sd)}, "train": train}, crops_per_image=3, rows_per_shard=4)
-    manifest = load_manifest(m)
-    assert run_degrade(manifest, distributor="serial", show_progress=False).exit_code == 0
-    for s in range(3):
-        run_captions(manifest.output, manifest.caption, s, {}, show_progress=False)
-    run_embed(manifest.output, manifest.text_embed, show_progress=False)
+    train = tiny_train(tiny_models["sd15"], micro_batch_size=1, max_steps=6, num_workers=2, checkpoint_every=2,
+                       keep_checkpoints=2, validate_every=6, validation_pairs=1, validation_steps=3,
+                       processor=TINY_PROCESSOR)
+    manifest = build_dataset(d, photo_dir, tiny_models, train, shards=3, crops_per_image=3, rows_per_shard=4)
+    m = d / "m.json"
     cfg = manifest.settings(TrainConfig, "train")
     assert cfg.attention_layout == "paper"  # the default
     return m, manifest.output, cfg

@@ -13,34 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_manifest
+from conftest import build_dataset, tiny_train
 from model.training.config import TrainConfig
 from model.training.trainer import TrainSetupError, Trainer, run_training
-from pipeline.caption.stage import run_captions
-from pipeline.core.manifest import load_manifest
 from pipeline.core.shards import read_sidecar, read_table, shard_path
-from pipeline.degrade.stage import run_degrade
-from pipeline.embed.stage import run_embed
-from pipeline.latents.stage import run_latents
 
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path, tiny_models: dict[str, Path]):
     d = tmp_path_factory.mktemp("latentsbuild")
-    sd = tiny_models["sd15"]
-    train = {"pretrained": str(sd), "image_encoder": str(sd / "image_encoder"), "batch_size": 2,
-             "micro_batch_size": 2, "learning_rate": 1e-3, "max_steps": 4, "num_workers": 0,
-             "checkpoint_every": 2, "validate_every": 100, "validation_pairs": 1, "validation_steps": 2,
-             "gradient_checkpointing": False, "processor": {"channels": [8, 8, 16, 16]}}
-    m = write_manifest(d / "m.json", [{"name": "sk", "root": str(photo_dir)}], d / "out", sections={
-        "caption": {"engine": "transformers", "model": str(tiny_models["llava"]), "max_tokens": 6},
-        "text_embed": {"model": str(sd)}, "train": train}, crops_per_image=2, rows_per_shard=4)
-    manifest = load_manifest(m)
-    assert run_degrade(manifest, distributor="serial", show_progress=False).exit_code == 0
-    for s in range(2):
-        run_captions(manifest.output, manifest.caption, s, {}, show_progress=False)
-    run_embed(manifest.output, manifest.text_embed, show_progress=False)
-    assert run_latents(manifest, show_progress=False).exit_code == 0
+    train = tiny_train(tiny_models["sd15"], max_steps=4, checkpoint_every=2, validation_pairs=1,
+                       validation_steps=2, processor={"channels": [8, 8, 16, 16]})
+    manifest = build_dataset(d, photo_dir, tiny_models, train, shards=2, latents=True, caption_tokens=6,
+                             crops_per_image=2, rows_per_shard=4)
     return manifest, manifest.settings(TrainConfig, "train")
 
 

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.shards import sha256_file
+
 WEIGHT_SUFFIXES = (".safetensors",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 VOLATILE_CONFIG_KEYS = ("_diffusers_version", "_name_or_path", "_class_name_version", "transformers_version",
@@ -48,14 +50,6 @@ def resolve_component(ref: str, subfolder: str, key: str) -> Path | None:
 
 def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def component_identity(folder: Path) -> dict[str, Any]:
