@@ -18,13 +18,13 @@ venv: $(STAMP)
 
 # BasicSR (without its declared dependencies, as for bench) for tests/test_basicsr_parity.py,
 # which SSPIR_REQUIRE_BASICSR=1 turns from a skip into a failure when BasicSR is missing.
-# Two xdist workers, one test file (or the files sharing the demo chain) per worker at a
-# time (tests/conftest.py): the suite is mostly single-threaded start-up, so two keep both
-# cores busy. TEST_WORKERS=0 runs it in one process.
+# Two pytest-xdist workers, a whole test file at a time (its module-scoped builds are made
+# once): the suite is mostly single-threaded start-up (imports, subprocesses, Ray, servers),
+# so a serial run leaves one core idle. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pip install -q --no-deps basicsr==1.4.2
-	SSPIR_REQUIRE_BASICSR=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	SSPIR_REQUIRE_BASICSR=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)
 	$(PY) jobs/prepare_demo.py

@@ -144,17 +144,3 @@ def demo_chain(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path, tiny_m
     ok_script("jobs/demo_heldout.py", "--build", str(d / "build"), "--heldout", str(d / "held"), "--steps", "2",
               "--caption-model", str(tiny_models["llava"]), "--caption-max-tokens", "6")
     return {"dir": d, "manifest": m, "build": d / "build", "held": d / "held"}
-
-
-# `make test` runs the suite on 2 pytest-xdist workers (`--dist loadgroup`): most of its
-# time is single-threaded (imports, subprocess start-up, Ray and servers coming up), so a
-# second worker uses the core that a serial run leaves idle. A test file is one group, so
-# its module-scoped builds are made once; the files that share the session's `demo_chain`
-# are one group, so the chain is built once.
-DEMO_CHAIN_FILES = {"test_demo_report.py", "test_report.py"}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("demo_chain" if name in DEMO_CHAIN_FILES else name))

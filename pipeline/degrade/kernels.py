@@ -19,14 +19,8 @@ import math
 import numpy as np
 from scipy import special
 
-GAUSSIAN_KINDS = (
-    "iso",
-    "aniso",
-    "generalized_iso",
-    "generalized_aniso",
-    "plateau_iso",
-    "plateau_aniso",
-)
+from pipeline.degrade.config import GAUSSIAN_FAMILY
+
 ISOTROPIC_KINDS = frozenset({"iso", "generalized_iso", "plateau_iso"})
 
 
@@ -65,8 +59,8 @@ def gaussian_family_kernel(
     ``beta`` is the shape parameter of the generalized (exp(-½q^β)) and plateau
     (1/(q^β+1)) kinds; the plain Gaussians ignore it.
     """
-    if kind not in GAUSSIAN_KINDS:
-        raise ValueError(f"unknown kernel kind {kind!r}; known: {list(GAUSSIAN_KINDS)}")
+    if kind not in GAUSSIAN_FAMILY:
+        raise ValueError(f"unknown kernel kind {kind!r}; known: {list(GAUSSIAN_FAMILY)}")
     if size % 2 != 1 or size < 1:
         raise ValueError(f"kernel size must be a positive odd number, got {size}")
     if kind in ISOTROPIC_KINDS:
